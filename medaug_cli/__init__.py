@@ -1,0 +1,1 @@
+"""The ``medaug`` command line: a thin Typer shell over ``medaug`` library functions."""

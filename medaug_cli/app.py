@@ -1,0 +1,38 @@
+"""The ``medaug`` Typer app. Each command lives in its own module and imports ``medaug`` lazily,
+inside the command, so that ``medaug --help`` stays fast (no torch, no SimpleITK)."""
+
+from __future__ import annotations
+
+import typer
+
+from medaug_cli import phantoms
+
+app = typer.Typer(
+    name="medaug",
+    help="Labelled synthetic CT/MRI slices for segmentation training (MedVAR).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+app.command("phantoms")(phantoms.phantoms)
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", help="Print medaug's version and exit.", is_eager=True),
+) -> None:
+    """medaug: phantoms → prepare → train → synthesize → evaluate."""
+    if version:
+        from medaug import __version__
+
+        typer.echo(__version__)
+        raise typer.Exit()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
