@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import typer
 
-from medaug_cli import phantoms
+from medaug_cli import phantoms, prepare
 
 app = typer.Typer(
     name="medaug",
@@ -16,6 +16,9 @@ app = typer.Typer(
 )
 
 app.command("phantoms")(phantoms.phantoms)
+app.command("prepare")(prepare.prepare)
+app.command("merge")(prepare.merge)
+app.command("inspect")(prepare.inspect)
 
 
 @app.callback()

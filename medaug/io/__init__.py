@@ -33,7 +33,7 @@ def read_volume(path: str | Path) -> Volume:
 
         return read_itk(path)
     if not path.exists():
-        raise ImageReadError(path, "no such file or folder")
+        raise ImageReadError(path, "no such file or folder; expected a NIfTI, NRRD/MHA or DICOM file or a DICOM folder")
     from medaug.io.dicom import read_dicom
 
     return read_dicom(path)

@@ -25,9 +25,10 @@ def require_valid_affine(affine: np.ndarray, path: str | Path) -> None:
 
 
 def require_file(path: str | Path) -> Path:
+    """Refuse a missing path or an empty file before a library reports it less clearly."""
     path = Path(path)
     if not path.exists():
-        raise ImageReadError(path, "no such file or folder")
+        raise ImageReadError(path, "no such file or folder; expected an existing image file or DICOM folder")
     if path.is_file() and path.stat().st_size == 0:
         raise ImageReadError(path, "empty file; expected a medical image")
     return path

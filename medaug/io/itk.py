@@ -35,8 +35,8 @@ def read_itk(path: str | Path) -> Volume:
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as error:
-        first_line = str(error).strip().splitlines()[-1] if str(error).strip() else "unknown error"
-        raise ImageReadError(path, f"not a readable NRRD/MetaImage file ({first_line})") from None
+        last_line = str(error).strip().splitlines()[-1] if str(error).strip() else "unknown error"
+        raise ImageReadError(path, f"not a readable NRRD/MetaImage file ({last_line}); expected a 2D/3D ITK image") from None
     dimension = image.GetDimension()
     if dimension not in (2, 3):
         raise ImageReadError(path, f"{dimension}-D image; expected 2D or 3D")
@@ -68,17 +68,31 @@ def _itk_affine(image) -> np.ndarray:
 
 
 def write_itk(volume: Volume, path: str | Path) -> Path:
-    """Write a one-channel Volume as NRRD/MHA (format from the suffix), atomically."""
+    """Write a one-channel Volume as NRRD/MHA (format from the suffix), atomically.
+
+    The array is stored in native byte order; bool becomes uint8 and float16 float32 (SimpleITK has
+    neither pixel type).
+    """
     import SimpleITK as sitk
 
     if volume.num_channels != 1:
         raise ValueError(f"{path}: write_itk writes one channel, got {volume.num_channels}")
     affine_lps = LPS_TO_RAS @ volume.affine
     spacing = volume.spacing_mm
-    image = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(volume.array[0], (2, 1, 0))))
+    array_KJI = np.ascontiguousarray(np.transpose(volume.array[0], (2, 1, 0)), dtype=_itk_dtype(volume.array.dtype))
+    image = sitk.GetImageFromArray(array_KJI)
     image.SetSpacing([float(s) for s in spacing])
     image.SetOrigin([float(o) for o in affine_lps[:3, 3]])
     image.SetDirection([float(d) for d in (affine_lps[:3, :3] / spacing).ravel()])
     with atomic_output(path) as temporary:
         sitk.WriteImage(image, str(temporary), True)
     return Path(path)
+
+
+def _itk_dtype(dtype: np.dtype) -> np.dtype:
+    """A native-byte-order dtype SimpleITK can hold for ``dtype``."""
+    if dtype == np.bool_:
+        return np.dtype(np.uint8)
+    if dtype == np.float16:
+        return np.dtype(np.float32)
+    return dtype.newbyteorder("=")

@@ -37,10 +37,11 @@ def read_nifti(path: str | Path) -> Volume:
         image = nib.load(str(path))
         array = np.asanyarray(image.dataobj)
     except (OSError, EOFError, zlib.error, gzip.BadGzipFile, ValueError, nib.filebasedimages.ImageFileError) as error:
-        raise ImageReadError(path, f"not a readable NIfTI file ({type(error).__name__}: {error})") from None
+        reason = f"not a readable NIfTI file ({type(error).__name__}: {error}); expected a complete NIfTI-1/2 image"
+        raise ImageReadError(path, reason) from None
     if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
         raise ImageReadError(path, f"is {type(image).__name__}; expected NIfTI-1 or NIfTI-2")
-    array = _to_channel_first(array, path)
+    array = _to_channel_first(_native_byte_order(array), path)
     require_finite(array, path)
     require_valid_affine(image.affine, path)
     header = image.header
@@ -52,6 +53,13 @@ def read_nifti(path: str | Path) -> Volume:
         "sform_code": int(header["sform_code"]),
     }
     return Volume(array=array, affine=np.array(image.affine, dtype=np.float64), metadata=metadata)
+
+
+def _native_byte_order(array: np.ndarray) -> np.ndarray:
+    """Big-endian files (still common from old scanners and SPM) give non-native arrays, which torch refuses."""
+    if array.dtype.isnative:
+        return array
+    return array.astype(array.dtype.newbyteorder("="))
 
 
 def _to_channel_first(array: np.ndarray, path: Path) -> np.ndarray:
@@ -70,19 +78,31 @@ def write_nifti(volume: Volume, path: str | Path, dtype: np.dtype | str | None =
     """Write a Volume as NIfTI (``.nii`` or ``.nii.gz``), atomically (temporary name, then rename).
 
     One channel is written as 3D, several as 4D ``(I, J, K, C)``. sform and qform both carry the affine
-    (code 1, scanner). ``dtype`` defaults to the array's.
+    (code 1, scanner). ``dtype`` defaults to the array's, except that bool is stored as uint8 and 64-bit
+    integers as int32 when their values fit (NIfTI readers outside nibabel rarely take 64-bit integers).
     """
     import nibabel as nib
 
     path = Path(path)
     if not is_nifti(path):
         raise ValueError(f"{path}: expected a .nii or .nii.gz file name")
-    array = volume.array if dtype is None else volume.array.astype(dtype)
+    array = volume.array.astype(_nifti_dtype(volume.array) if dtype is None else dtype, copy=False)
     data = array[0] if array.shape[0] == 1 else np.moveaxis(array, 0, -1)
-    image = nib.Nifti1Image(data, volume.affine)
+    image = nib.Nifti1Image(data, volume.affine, dtype=data.dtype)
     image.set_sform(volume.affine, code=1)
     image.set_qform(volume.affine, code=1)
     image.header.set_xyzt_units("mm", "sec")
     with atomic_output(path) as temporary:
         nib.save(image, str(temporary))
     return path
+
+
+def _nifti_dtype(array: np.ndarray) -> np.dtype:
+    """The dtype to store ``array`` in: its own, but bool → uint8 and 64-bit integers → int32 where lossless."""
+    if array.dtype == np.bool_:
+        return np.dtype(np.uint8)
+    if array.dtype.kind in "iu" and array.dtype.itemsize == 8:
+        info = np.iinfo(np.int32)
+        if array.size == 0 or (array.min() >= info.min and array.max() <= info.max):
+            return np.dtype(np.int32)
+    return array.dtype

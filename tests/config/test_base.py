@@ -1,0 +1,71 @@
+"""The typed config loader: conversion, and errors that name the key and the allowed values."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import pytest
+
+from medaug.config.base import from_dict, read_yaml, to_dict
+from medaug.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Inner:
+    low: float
+    high: float = 1.0
+
+
+@dataclass(frozen=True)
+class Outer:
+    name: str
+    mode: Literal["fast", "exact"] = "fast"
+    sizes: list[int] = field(default_factory=list)
+    pair: tuple[float, float] | None = None
+    table: dict[int, str] = field(default_factory=dict)
+    inner: Inner | None = None
+
+
+def test_converts_nested_values():
+    config = from_dict(
+        Outer,
+        {"name": "a", "mode": "exact", "sizes": [1, 2], "pair": [0, 2.5], "table": {"3": "x"}, "inner": {"low": 2}},
+        "r.yaml",
+    )
+    assert config == Outer(name="a", mode="exact", sizes=[1, 2], pair=(0.0, 2.5), table={3: "x"}, inner=Inner(2.0))
+    assert to_dict(config)["inner"] == {"low": 2.0, "high": 1.0}
+
+
+@pytest.mark.parametrize(
+    "data, where, fragment",
+    [
+        ({"name": "a", "colour": 1}, "r.yaml.colour", "unknown key; allowed keys: name, mode, sizes"),
+        ({"name": "a", "mode": "slow"}, "r.yaml.mode", "allowed values: fast, exact"),
+        ({"name": "a", "sizes": [1, "x"]}, "r.yaml.sizes[1]", "expected int"),
+        ({"name": "a", "pair": [1]}, "r.yaml.pair", "expected 2"),
+        ({"mode": "fast"}, "r.yaml.name", "required key is missing"),
+        ({"name": "a", "inner": {"lo": 1}}, "r.yaml.inner.lo", "unknown key"),
+        ({"name": "a", "table": {"one": "x"}}, "r.yaml.table['one']", "expected int"),
+    ],
+    ids=["unknown-key", "bad-literal", "bad-list-item", "tuple-length", "missing", "nested-unknown", "dict-key"],
+)
+def test_errors_name_the_key(data, where, fragment):
+    with pytest.raises(ConfigError) as info:
+        from_dict(Outer, data, "r.yaml")
+    assert info.value.where == where
+    assert fragment in info.value.reason
+    assert "\n" not in str(info.value)
+
+
+def test_read_yaml_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("a: [1, 2\n")
+    with pytest.raises(ConfigError, match="bad.yaml.*invalid YAML"):
+        read_yaml(bad)
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- 1\n")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        read_yaml(listing)
+    with pytest.raises(ConfigError, match="not found"):
+        read_yaml(tmp_path / "missing.yaml")
