@@ -21,16 +21,19 @@ app.command("merge")(prepare.merge)
 app.command("inspect")(prepare.inspect)
 
 
-@app.callback()
-def _root(
-    version: bool = typer.Option(False, "--version", help="Print medaug's version and exit.", is_eager=True),
-) -> None:
-    """medaug: phantoms → prepare → train → synthesize → evaluate."""
-    if version:
+def _print_version(value: bool) -> None:
+    if value:
         from medaug import __version__
 
         typer.echo(__version__)
         raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", help="Print medaug's version and exit.", is_eager=True, callback=_print_version),
+) -> None:
+    """medaug: phantoms → prepare → train → synthesize → evaluate."""
 
 
 def main() -> None:

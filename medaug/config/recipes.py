@@ -94,6 +94,7 @@ class DatasetRecipe:
     unmapped: Unmapped = "reject"
     patient_group: str = "{subject}"
     subject_regex: str | None = None
+    subject_filter: str | None = None
     splits: dict[str, Split] = field(default_factory=dict)
     frames: list[str] | None = None
     lineage: list[str] = field(default_factory=list)

@@ -72,6 +72,8 @@ def discover(root: str | Path, recipe: DatasetRecipe) -> list[VolumeTask]:
         "images": _discover_images,
     }
     tasks = finders[recipe.layout](root, recipe)
+    if recipe.subject_filter:
+        tasks = [task for task in tasks if re.fullmatch(recipe.subject_filter, task.subject)]
     return sorted((_with_grouping(task, recipe) for task in tasks), key=lambda task: (task.subject, task.tag))
 
 
@@ -118,6 +120,10 @@ def _discover_msd(root: Path, recipe: DatasetRecipe) -> list[VolumeTask]:
         raise ConfigError(f"{recipe.name}:channels", f"names {len(recipe.channels)} channels; {root}/dataset.json has {len(modalities)}: {modalities}")
     tasks = []
     for entry in meta.get("training", []):
+        image, label = root / entry["image"], root / entry["label"]
+        if _visible(image):
+            tasks.append(VolumeTask(recipe.name, _strip_suffix(image.name), (str(image),), str(label)))
+    for entry in meta.get("validation", []):
         image, label = root / entry["image"], root / entry["label"]
         if _visible(image):
             tasks.append(VolumeTask(recipe.name, _strip_suffix(image.name), (str(image),), str(label)))
@@ -176,12 +182,38 @@ def _discover_subjects(root: Path, recipe: DatasetRecipe) -> list[VolumeTask]:
         Path(p) for p in glob.glob(str(root / recipe.subjects)) if Path(p).is_dir() and _visible(Path(p))
     )
     tasks = []
+    kind = "dicom_seg" if recipe.label_format == "dicom_seg" else "map"
     for subject in subjects:
-        images = tuple(str(_glob_one(subject, recipe.images[channel], f"channel {channel!r}")) for channel in recipe.channels)
-        label = str(_glob_one(subject, recipe.label, "label")) if recipe.label else None
-        kind = "dicom_seg" if recipe.label_format == "dicom_seg" else "map"
-        tasks.append(VolumeTask(recipe.name, subject.name, images, label, label_kind=kind))
+        for frame_name, fill in _frames_of(subject, recipe):
+            images = tuple(
+                str(_glob_one(subject, recipe.images[channel].format(**fill), f"channel {channel!r}")) for channel in recipe.channels
+            )
+            label = str(_glob_one(subject, recipe.label.format(**fill), "label")) if recipe.label else None
+            tasks.append(VolumeTask(recipe.name, subject.name, images, label, label_kind=kind, tag=frame_name))
     return tasks
+
+
+def _frames_of(subject: Path, recipe: DatasetRecipe) -> list[tuple[str, dict[str, int]]]:
+    """``[(frame name, {"frame": number})]`` for cine recipes (``frames: [ED, ES]`` via ``Info.cfg``),
+    else one entry with no fill."""
+    if not recipe.frames:
+        return [("", {})]
+    info = subject / "Info.cfg"
+    numbers = {}
+    if info.is_file():
+        for line in info.read_text().splitlines():
+            key, _, value = line.partition(":")
+            if value.strip().isdigit():
+                numbers[key.strip()] = int(value.strip())
+    frames = []
+    for name in recipe.frames:
+        if name.isdigit():
+            frames.append((f"frame{int(name):02d}", {"frame": int(name)}))
+        elif name in numbers:
+            frames.append((name, {"frame": numbers[name]}))
+        else:
+            raise ImageReadError(info, f"no '{name}: <frame>' line; expected the frame numbers that recipe key frames names")
+    return frames
 
 
 def _discover_images(root: Path, recipe: DatasetRecipe) -> list[VolumeTask]:
@@ -196,15 +228,20 @@ def _discover_dicom(root: Path, recipe: DatasetRecipe) -> list[VolumeTask]:
     or ``recipe.label`` (a glob relative to the series folder, e.g. ``../label.nii.gz``)."""
     from medaug.io.dicom import find_series
 
+    found = find_series(root)
+    segs = {uid: info for info in found if info.is_seg for uid in info.referenced_series}
     tasks = []
-    for series in find_series(root):
+    for series in found:
+        if series.skipped is not None:
+            continue
         if recipe.series_filter and not re.search(recipe.series_filter, series.description or ""):
             continue
-        label, kind = series.seg_path, "dicom_seg"
+        label, kind = (str(segs[series.series_uid].files[0]), "dicom_seg") if series.series_uid in segs else (None, "map")
         if recipe.label:
             label, kind = str(_glob_one(Path(series.folder), recipe.label, "label")), "map"
         subject = series.patient_id or Path(series.folder).name
-        tasks.append(VolumeTask(recipe.name, subject, (series.folder,), label, label_kind=kind, tag=series.uid))
+        tag = f"{series.series_uid}#{series.index}"
+        tasks.append(VolumeTask(recipe.name, subject, (series.folder,), label, label_kind=kind, tag=tag))
     return tasks
 
 
@@ -237,7 +274,13 @@ def load_task(task: VolumeTask, recipe: DatasetRecipe) -> LoadedVolume:
 def _load_channels(task: VolumeTask, recipe: DatasetRecipe) -> Volume:
     from medaug.io import read_volume
 
-    volumes = [read_volume(path) for path in task.images]
+    if task.tag.count("#") == 1 and Path(task.images[0]).is_dir():  # one volume of a DICOM tree
+        from medaug.io.dicom import read_dicom_series
+
+        uid, index = task.tag.split("#")
+        volumes = [read_dicom_series(task.images[0], uid, int(index))]
+    else:
+        volumes = [read_volume(path) for path in task.images]
     if len(volumes) == 1:
         volume = volumes[0]
         if task.frame is not None:
