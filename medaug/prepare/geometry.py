@@ -30,11 +30,12 @@ full field of view is every lattice point inside the volume. A ``size × size`` 
 of that lattice, so resampling straight into the window (:func:`resample_slices` with ``size``) equals
 resampling the full field of view and then :func:`crop_or_pad` with the same body mask.
 
-**Interpolation.** Separable: along each in-plane axis, output pixel → fractional source index, then
-``torch.index_select`` of the two neighbours and ``torch.lerp`` (images; exact bilinear, no
-antialiasing, as MONAI's ``Spacingd``) or one ``index_select`` of the nearest voxel (labels, masks).
-Lattice points outside the volume take ``fill``; points inside never mix with the fill. Torch ops
-respect ``torch.set_num_threads``.
+**Interpolation.** Images: bilinear, no antialiasing (as MONAI's ``Spacingd``), by one
+``torch.nn.functional.grid_sample`` call over the whole stack (one (H, W) grid shared by all slices,
+``align_corners=True`` so ±1 are voxel centres; float32 positions are exact to ~1e-4 voxel); on
+2 CPU threads it measured several times faster than separable ``index_select`` + ``lerp`` passes. Labels and
+masks: nearest voxel by two exact index gathers, in their own dtype. Lattice points outside the
+volume take ``fill``; points inside never mix with it. Torch ops respect ``torch.set_num_threads``.
 """
 
 from __future__ import annotations
@@ -94,8 +95,8 @@ def choose_slicing_plane(spacing_mm_ras: np.ndarray, requested: str = "auto", hi
     """The slicing plane: ``requested`` (recipe) if not ``"auto"``, else ``hint``, else the acquisition plane.
 
     ``spacing_mm_ras`` is the (3,) voxel size along i, j, k of the RAS volume (i ≈ x is the sagittal
-    normal, j ≈ y the coronal normal, k ≈ z the axial normal). ``hint`` is a plane named by the reader,
-    e.g. ``volume.metadata["acquisition_plane"]`` from DICOM ImageOrientationPatient. The acquisition
+    normal, j ≈ y the coronal normal, k ≈ z the axial normal). ``hint`` is the plane the reader knows
+    (:func:`acquisition_plane_hint`; an unknown name is ignored with a warning). The acquisition
     plane is perpendicular to the axis of clearly largest spacing (> 1.1 × both others); otherwise
     (isotropic or no single coarse axis) it is ``"axial"``.
     """
@@ -115,6 +116,22 @@ def choose_slicing_plane(spacing_mm_ras: np.ndarray, requested: str = "auto", hi
     return "axial"
 
 
+def acquisition_plane_hint(volume: Volume) -> str | None:
+    """The plane a reader says the volume was acquired in, or None.
+
+    ``metadata["acquisition_plane"]`` if a reader set it; else, for DICOM (``metadata["format"] ==
+    "dicom"``), the plane normal to the stored slice axis k (DICOM stacks slices along the
+    ImageOrientationPatient normal), so an isotropic coronal series is sliced coronally. Call it on the
+    volume as read, before :func:`reorient_to_ras` moves the slice axis.
+    """
+    if volume.metadata.get("acquisition_plane"):
+        return str(volume.metadata["acquisition_plane"])
+    if volume.metadata.get("format") != "dicom":
+        return None
+    slice_axis_world = np.abs(volume.affine[:3, 2])
+    return NORMAL_TO_PLANE[int(np.argmax(slice_axis_world))]
+
+
 # ---------------------------------------------------------------- labels onto the image grid
 
 
@@ -124,7 +141,8 @@ def align_label_to_image(label: Volume, image: Volume) -> np.ndarray:
     * Same grid up to axis permutation/flips (affines agree to 5% of a voxel at every corner): the
       array is permuted/flipped exactly (result may be a view).
     * Otherwise: nearest-neighbour resampling through the affines (``scipy.ndimage.affine_transform``,
-      order 0, the same as ``map_coordinates`` without materializing coordinates); outside → 0.
+      order 0, mode ``grid-constant``: ``map_coordinates`` without materializing coordinates); image
+      voxels whose centre falls outside every label voxel → 0.
 
     Raises:
         LabelError: not one channel; same orientation, spacing and origin as the image but another
@@ -187,7 +205,7 @@ def _resample_nearest(array_IJK: np.ndarray, source_affine: np.ndarray, target_a
     target_to_source = np.linalg.inv(source_affine) @ target_affine
     return ndimage.affine_transform(
         np.ascontiguousarray(array_IJK), target_to_source[:3, :3], offset=target_to_source[:3, 3],
-        output_shape=target_shape, order=0, mode="constant", cval=0, prefilter=False,
+        output_shape=target_shape, order=0, mode="grid-constant", cval=0, prefilter=False,
     )
 
 
@@ -281,45 +299,68 @@ def sample_slices(array_CIJK: np.ndarray, grid: SliceGrid, slice_indices: np.nda
     """Slices ``slice_indices`` along the plane's normal, sampled at the grid: (N, C, H, W).
 
     ``linear``: bilinear in-plane, float32 output; else nearest, the input dtype. Pixels outside the
-    volume are ``fill``.
+    volume are ``fill`` (inside pixels never mix with it).
     """
     import torch
 
     normal, row_axis, col_axis = PLANE_AXES[grid.plane]
-    indices = np.asarray(slice_indices, dtype=np.int64)
-    chosen = np.take(array_CIJK, indices, axis=1 + normal)  # copy, positive strides
-    stack_NCRC = torch.from_numpy(chosen.transpose(1 + normal, 0, 1 + row_axis, 1 + col_axis))
-    if linear and not stack_NCRC.is_floating_point():
-        stack_NCRC = stack_NCRC.float()
-    rows_first = grid.height * stack_NCRC.shape[3] <= stack_NCRC.shape[2] * grid.width
-    passes = [(2, grid.row_positions), (3, grid.col_positions)]
-    for dim, positions in passes if rows_first else passes[::-1]:
-        stack_NCRC = _resample_axis(stack_NCRC, dim, positions, linear, fill)
-    return stack_NCRC.contiguous().numpy()
+    view_NCRC = array_CIJK.transpose(1 + normal, 0, 1 + row_axis, 1 + col_axis)
+    rows, cols = grid.row_positions, grid.col_positions
+    (row0, row1), (col0, col1) = _needed_range(rows, view_NCRC.shape[2]), _needed_range(cols, view_NCRC.shape[3])
+    block_NCRC = view_NCRC[:, :, row0:row1, col0:col1][np.asarray(slice_indices, dtype=np.int64)]  # C-contiguous copy
+    if not block_NCRC.dtype.isnative:  # big-endian files; torch takes native byte order only
+        block_NCRC = block_NCRC.astype(block_NCRC.dtype.newbyteorder("="))
+    stack_NCRC = torch.from_numpy(block_NCRC)
+    sample = _bilinear if linear else _nearest
+    sampled_NCHW = sample(stack_NCRC, rows - row0, cols - col0)
+    _fill_outside(sampled_NCHW, rows, cols, view_NCRC.shape[2:], fill)
+    return sampled_NCHW.numpy()
 
 
-def _resample_axis(x, dim: int, positions: np.ndarray, linear: bool, fill: float):
-    """Resample torch tensor ``x`` along ``dim`` at fractional ``positions`` (linear or nearest)."""
+def _needed_range(positions: np.ndarray, count: int) -> tuple[int, int]:
+    """The source index range [start, stop) that sampling at ``positions`` (clamped to the volume) reads."""
+    clamped = np.clip(positions, 0, count - 1)
+    start = int(np.floor(clamped.min(initial=0.0) + _POSITION_EPS))
+    stop = int(np.ceil(clamped.max(initial=0.0) - _POSITION_EPS)) + 1
+    return start, max(min(stop, count), start + 1)
+
+
+def _bilinear(stack_NCRC, rows: np.ndarray, cols: np.ndarray):
+    """Bilinear samples at fractional (row, col) indices: one ``grid_sample`` over the stack."""
+    import torch
+    import torch.nn.functional as F
+
+    count, channels, height, width = stack_NCRC.shape
+    if count * channels == 0:
+        return torch.zeros((count, channels, len(rows), len(cols)))
+    x = 2.0 * cols / max(width - 1, 1) - 1.0  # align_corners=True: -1 and +1 are the first and last voxel centres
+    y = 2.0 * rows / max(height - 1, 1) - 1.0
+    grid_1HW2 = torch.from_numpy(np.stack(np.meshgrid(x, y, indexing="xy"), axis=-1).astype(np.float32))[None]
+    grid_NHW2 = grid_1HW2.expand(count, -1, -1, -1)  # one grid shared by all slices (no copy)
+    return F.grid_sample(stack_NCRC.float(), grid_NHW2, mode="bilinear", padding_mode="border", align_corners=True)
+
+
+def _nearest(stack_NCRC, rows: np.ndarray, cols: np.ndarray):
+    """Nearest-voxel samples (exact gathers, any dtype)."""
     import torch
 
-    count = x.shape[dim]
-    inside = (positions >= -_POSITION_EPS) & (positions <= count - 1 + _POSITION_EPS)
-    clamped = np.clip(positions, 0.0, count - 1.0)
-    lower = np.minimum(np.floor(clamped + _POSITION_EPS), count - 1).astype(np.int64)
-    weight = clamped - lower
-    if not linear:
-        out = x.index_select(dim, torch.from_numpy(np.minimum(np.floor(clamped + 0.5), count - 1).astype(np.int64)))
-    elif np.abs(weight).max(initial=0.0) < _POSITION_EPS:
-        out = x.index_select(dim, torch.from_numpy(lower))
-    else:
-        upper = np.minimum(lower + 1, count - 1)
-        shape = [1] * x.ndim
-        shape[dim] = len(positions)
-        weight_t = torch.from_numpy(weight.astype(np.float32)).view(shape)
-        out = torch.lerp(x.index_select(dim, torch.from_numpy(lower)), x.index_select(dim, torch.from_numpy(upper)), weight_t)
-    if not inside.all():
-        out.index_fill_(dim, torch.from_numpy(np.flatnonzero(~inside)), fill)
-    return out
+    height, width = stack_NCRC.shape[2:]
+    row_index = torch.from_numpy(np.clip(np.floor(rows + 0.5), 0, height - 1).astype(np.int64))
+    col_index = torch.from_numpy(np.clip(np.floor(cols + 0.5), 0, width - 1).astype(np.int64))
+    return stack_NCRC[:, :, row_index][:, :, :, col_index]
+
+
+def _fill_outside(sampled_NCHW, rows: np.ndarray, cols: np.ndarray, source_shape: tuple[int, int], fill: float) -> None:
+    """Set the rows/columns whose lattice points lie outside the source volume to ``fill``, in place."""
+    import torch
+
+    height, width = source_shape
+    outside_rows = np.flatnonzero((rows < -_POSITION_EPS) | (rows > height - 1 + _POSITION_EPS))
+    outside_cols = np.flatnonzero((cols < -_POSITION_EPS) | (cols > width - 1 + _POSITION_EPS))
+    if outside_rows.size:
+        sampled_NCHW[:, :, torch.from_numpy(outside_rows)] = fill
+    if outside_cols.size:
+        sampled_NCHW[:, :, :, torch.from_numpy(outside_cols)] = fill
 
 
 # ---------------------------------------------------------------- slice stacks, crop and pad
@@ -370,7 +411,7 @@ def resample_slices(image: Volume, label_IJK: np.ndarray | None, plane: str, tar
     """
     grid = full_grid(image.affine, image.spatial_shape, plane, target_spacing_mm, _where(image, "image"))
     if size is not None:
-        body_HW = _project_body(body_IJK, grid) if body_IJK is not None else np.zeros((grid.height, grid.width), bool)
+        body_HW = project_body_mask(body_IJK, grid) if body_IJK is not None else np.zeros((grid.height, grid.width), bool)
         grid = grid.window(*body_window(body_HW, size), size)
     if slice_indices is None:
         slice_indices = np.arange(image.spatial_shape[PLANE_AXES[plane][0]])
@@ -382,7 +423,7 @@ def resample_slices(image: Volume, label_IJK: np.ndarray | None, plane: str, tar
     return SliceStack(images, labels, affines, np.asarray(slice_indices, dtype=np.int64), plane)
 
 
-def _project_body(body_IJK: np.ndarray, grid: SliceGrid, strides_IJK: tuple[int, int, int] = (1, 1, 1)) -> np.ndarray:
+def project_body_mask(body_IJK: np.ndarray, grid: SliceGrid, strides_IJK: tuple[int, int, int] = (1, 1, 1)) -> np.ndarray:
     """The union of a body mask over all slices, nearest-sampled onto the (full) lattice: (H, W) bool."""
     normal = PLANE_AXES[grid.plane][0]
     projection = body_IJK.any(axis=normal, keepdims=True)[None]  # (1, I, J, K) with the normal axis of length 1

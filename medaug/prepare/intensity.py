@@ -15,9 +15,10 @@
 dominant low mode of the histogram (not as zero), so the mask also works on data that was already
 normalized (BraTS z-scores have a constant negative background). The threshold is the mode plus four
 half-widths of its peak (a constant background gives a one-bin peak; Rician noise a wider one),
-never above Otsu's threshold. Then: connected components in 3D (keep the largest and any at least a
-quarter its size, which drops the CT table and noise specks) and holes filled slice by slice (lungs,
-bowel gas, ventricles are body).
+never above Otsu's threshold. Then: an in-plane opening by the 4-neighbour cross (cuts one-pixel
+lines such as a table pad off the body), connected components in 3D (keep the largest and any at
+least a quarter its size, which drops the CT table and noise specks) and holes filled slice by slice
+(lungs, bowel gas, ventricles are body).
 """
 
 from __future__ import annotations
@@ -71,7 +72,8 @@ class IntensityMapping:
     def to_model(self, values: np.ndarray) -> np.ndarray:
         """Source units → float32 model space in [-1, 1] (clip, then scale)."""
         clipped = np.clip(np.asarray(values, dtype=np.float32), self.low, self.high)
-        return ((clipped - np.float32(self.offset)) / np.float32(self.scale)).astype(np.float32, copy=False)
+        model = (clipped - np.float32(self.offset)) / np.float32(self.scale)
+        return np.clip(model, -1.0, 1.0, out=model)  # float32 rounding may step 1 ulp past ±1
 
     def to_source(self, model: np.ndarray) -> np.ndarray:
         """Model space → source units (float64): ``model * scale + offset``."""
@@ -145,7 +147,8 @@ def body_mask(image: np.ndarray, modality: str, slice_axis: int = -1) -> np.ndar
     foreground = np.zeros(channels.shape[1:], dtype=bool)
     for channel in channels:
         foreground |= channel > _foreground_threshold(channel, modality)
-    return fill_holes_per_slice(keep_large_components(foreground), slice_axis % 3)
+    opened = open_per_slice(foreground, slice_axis % 3)
+    return fill_holes_per_slice(keep_large_components(opened), slice_axis % 3)
 
 
 def _foreground_threshold(channel: np.ndarray, modality: str) -> float:
@@ -196,15 +199,29 @@ def keep_large_components(mask: np.ndarray) -> np.ndarray:
     return keep[labels]
 
 
-def fill_holes_per_slice(mask: np.ndarray, slice_axis: int) -> np.ndarray:
-    """Fill the holes of each 2D slice along ``slice_axis``: background not connected to the slice's edge."""
+def _in_plane_cross(slice_axis: int) -> np.ndarray:
+    """A 3×3×3 structure holding the 2D 4-neighbour cross in the plane normal to ``slice_axis``."""
     from scipy import ndimage
 
     structure = np.zeros((3, 3, 3), dtype=bool)
     in_plane = [slice(None)] * 3
     in_plane[slice_axis] = slice(1, 2)
-    structure[tuple(in_plane)] = ndimage.generate_binary_structure(2, 1).reshape(structure[tuple(in_plane)].shape)
-    background, count = ndimage.label(~mask, structure=structure)
+    structure[tuple(in_plane)] = np.expand_dims(ndimage.generate_binary_structure(2, 1), slice_axis)
+    return structure
+
+
+def open_per_slice(mask: np.ndarray, slice_axis: int) -> np.ndarray:
+    """Binary opening by the in-plane cross: cuts one-pixel lines (table pads, noise) off the body."""
+    from scipy import ndimage
+
+    return ndimage.binary_opening(mask, structure=_in_plane_cross(slice_axis))
+
+
+def fill_holes_per_slice(mask: np.ndarray, slice_axis: int) -> np.ndarray:
+    """Fill the holes of each 2D slice along ``slice_axis``: background not connected to the slice's edge."""
+    from scipy import ndimage
+
+    background, count = ndimage.label(~mask, structure=_in_plane_cross(slice_axis))
     moved = np.moveaxis(background, slice_axis, 0)  # (S, A, B)
     edge = np.concatenate([moved[:, 0].ravel(), moved[:, -1].ravel(), moved[:, :, 0].ravel(), moved[:, :, -1].ravel()])
     outside = np.zeros(count + 1, dtype=bool)
