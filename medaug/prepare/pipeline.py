@@ -106,7 +106,7 @@ def plan(recipe: PrepareRecipe, recipe_dir: Path | None = None) -> tuple[list[Pl
 def _relative_to(path: str, base: Path | None) -> str:
     if base is None or Path(path).is_absolute() or Path(path).exists():
         return path
-    candidate = base / path
+    candidate = (base / path).resolve()
     return str(candidate) if candidate.exists() else path
 
 
@@ -236,10 +236,36 @@ def harmonize_task(task: VolumeTask, loaded, dataset: DatasetRecipe, domain: Dom
     )
     if len(result.images) == 0:
         raise MedaugError(task.display, "no slice has enough body; expected at least one slice above min_body_fraction")
-    fingerprints = [slice_fingerprint(slice_CHW[0]) for slice_CHW in result.images]
+    fingerprints = [slice_fingerprint(recentre_on_body(slice_CHW[0])) for slice_CHW in result.images]
     rows = build_rows(task, dataset, domain, result, fingerprints)
     labels = result.labels if loaded.label is not None else None
     return rows, result.images.astype(np.float16), labels
+
+
+def recentre_on_body(image_HW: np.ndarray, background: float = -0.98) -> np.ndarray:
+    """The slice shifted (whole pixels, background fill) so that its body's centroid is at the centre.
+
+    Each volume is cropped around its own body, so the same scan arriving as a whole volume and as a
+    part of it (e.g. the first 30 slices) lands at different in-plane offsets; fingerprints of the
+    recentred slices match anyway.
+    """
+    body = image_HW > background
+    if not body.any():
+        return image_HW
+    height, width = image_HW.shape
+    rows, cols = np.nonzero(body)
+    shift_r, shift_c = int(round(height / 2 - rows.mean())), int(round(width / 2 - cols.mean()))
+    out = np.full_like(image_HW, -1.0)
+    src_r, dst_r = _overlap(shift_r, height)
+    src_c, dst_c = _overlap(shift_c, width)
+    out[dst_r, dst_c] = image_HW[src_r, src_c]
+    return out
+
+
+def _overlap(shift: int, length: int) -> tuple[slice, slice]:
+    if shift >= 0:
+        return slice(0, length - shift), slice(shift, length)
+    return slice(-shift, length), slice(0, length + shift)
 
 
 def _select_channels(image, source_channels: list[str], domain_channels: list[str]):
@@ -288,7 +314,7 @@ def build_rows(task: VolumeTask, dataset: DatasetRecipe, domain: DomainConfig, r
                 "dataset": dataset.name,
                 "subject": task.subject,
                 "patient_group": task.patient_group,
-                "split": task.pinned_split or "",
+                "split": task.pinned_split,
                 "domain": domain.name,
                 "modality": domain.modality,
                 "channels": list(domain.channels),
@@ -317,24 +343,21 @@ def build_rows(task: VolumeTask, dataset: DatasetRecipe, domain: DomainConfig, r
 def finalize(out: Path, recipe: PrepareRecipe, *, recipe_dir: Path | None = None, summary: PrepareSummary | None = None) -> PrepareSummary:
     """Turn the completed parts into ``index.parquet``, ``rejected.parquet``, ``domains.json``,
     ``vocab.json`` and ``prepare.json``: merge patient groups by fingerprint, assign splits."""
-    import pandas as pd
-
     from medaug import vocab
-    from medaug.data.index import write_index
-    from medaug.data.shards import assemble_index
-    from medaug.data.splits import assign_splits, merge_patient_groups
+    from medaug.data.index import index_schema, write_index
+    from medaug.data.shards import assemble_index, completed_volume_ids
+    from medaug.data.splits import split_index
 
     summary = summary or PrepareSummary(out=str(out))
-    rows = assemble_index(out)
-    frame = rows.to_pandas() if hasattr(rows, "to_pandas") else rows
+    table = assemble_index(out) if completed_volume_ids(out) else index_schema().empty_table()
+    if table.num_rows:
+        pinned = pinned_groups(table)
+        distance = None if recipe.fingerprint_merge else -1  # -1 bits: nothing is near enough to merge
+        options = {} if distance is None else {"max_distance": distance, "min_slices": 10**9, "min_fraction": 2.0}
+        table = split_index(table, fractions=recipe.split_fractions, seed=recipe.split_seed, pinned=pinned, **options)
+    write_index(table, out / "index.parquet")
+    frame = table.drop_columns(["fingerprint"]).to_pandas()
     rejected = read_rejections(out)
-    if len(frame):
-        groups = merge_patient_groups(frame[["volume_id", "patient_group", "fingerprint"]]) if recipe.fingerprint_merge else {}
-        frame["patient_group"] = [groups.get(volume, group) for volume, group in zip(frame["volume_id"], frame["patient_group"])]
-        pinned = _pinned_groups(frame)
-        splits = assign_splits(sorted(set(frame["patient_group"])), fractions=recipe.split_fractions, seed=recipe.split_seed, pinned=pinned)
-        frame["split"] = [splits[group] for group in frame["patient_group"]]
-    write_index(frame, out / "index.parquet")
     _write_parquet_records(rejected, out / "rejected.parquet")
     _write_json(out / "domains.json", {name: to_dict(domain) for name, domain in recipe.domains.items()})
     _write_json(out / "vocab.json", {"format_version": 1, "structures": vocab.vocabulary_table()})
@@ -346,11 +369,14 @@ def finalize(out: Path, recipe: PrepareRecipe, *, recipe_dir: Path | None = None
     return summary
 
 
-def _pinned_groups(frame) -> dict[str, str]:
-    pinned = {}
-    for group, split in zip(frame["patient_group"], frame["split"]):
+def pinned_groups(table) -> dict[str, str]:
+    """Recipe pins (``splits:`` by subject) as carried by the parts: recipe patient group -> split."""
+    pinned: dict[str, str] = {}
+    groups = table.column("patient_group").to_pylist()
+    for group, split in zip(groups, table.column("split").to_pylist()):
         if split:
-            pinned[group] = split
+            if pinned.setdefault(group, split) != split:
+                raise ConfigError(f"splits.{group}", f"patient group is pinned to both {pinned[group]} and {split}; expected one split per group")
     return pinned
 
 
@@ -381,7 +407,7 @@ def prepare_record(recipe: PrepareRecipe, frame, summary: PrepareSummary) -> dic
     from medaug import __version__
 
     inputs = sorted({path for paths in frame["source_image"] for path in paths}) if len(frame) else []
-    labels = sorted({path for path in frame["source_label"] if path}) if len(frame) else []
+    labels = sorted({path for path in frame["source_label"] if isinstance(path, str) and path}) if len(frame) else []
     return {
         "format_version": PREPARE_FORMAT_VERSION,
         "medaug_version": __version__,
