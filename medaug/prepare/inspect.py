@@ -19,9 +19,8 @@ def summarize_prepared(prepared: str | Path) -> PrepareSummary:
     prepared = Path(prepared)
     frame = read_index(prepared / "index.parquet")
     frame = frame.to_pandas() if hasattr(frame, "to_pandas") else frame
-    summary = PrepareSummary(out=str(prepared), volumes_total=int(frame["volume_id"].nunique()) if len(frame) else 0)
+    summary = PrepareSummary(out=str(prepared))
     _fill_summary(summary, frame, read_rejections(prepared))
-    summary.volumes_done = summary.volumes_total
     return summary
 
 

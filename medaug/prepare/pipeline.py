@@ -391,6 +391,9 @@ def _fill_summary(summary: PrepareSummary, frame, rejected: list[dict]) -> None:
     summary.slices = int(len(frame))
     summary.rejected = rejected
     summary.volumes_rejected = len(rejected)
+    if summary.volumes_total == 0:  # merge / inspect: count what is on disk
+        summary.volumes_done = int(frame["volume_id"].nunique()) if len(frame) else 0
+        summary.volumes_total = summary.volumes_done + len(rejected)
     if not len(frame):
         return
     summary.slices_per_domain = {str(k): int(v) for k, v in frame["domain"].value_counts().sort_index().items()}
