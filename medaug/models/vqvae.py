@@ -1,0 +1,365 @@
+"""Paired image + label-map tokenizer: an LDM "vq-f16"-style CNN around the multi-scale quantizer.
+
+One token map is one labelled slice (DESIGN.md §3 "Paired masks"): the encoder reads the image channels,
+their presence mask and the label map; the decoder returns the image channels and per-structure logits.
+
+Encoder input (B, 2·C_img + S, H, W), concatenated along channels:
+
+* the image channels (B, C_img, H, W) in [-1, 1], multiplied by the channel mask so that absent
+  channels are exactly zero (C_img is the most channels any domain has);
+* the channel mask (B, C_img) bool broadcast to constant 0/1 planes (concatenation rather than FiLM:
+  the first conv sees, per pixel, which channels are real, at a cost of C_img extra input planes);
+* the label map as one-hot over the S structures the model knows (B, S, H, W): structure s (1..S) is
+  plane s-1; background (0) and ignore (255) pixels are all-zero. Labels arrive as *model-local*
+  structure indices 1..S; mapping vocabulary ids to these indices is the data layer's job.
+
+Decoder output (B, C_img + S + 1, H, W), split into the image (B, C_img, H, W) and the logits
+(B, S + 1, H, W) over background + S structures. The image head is linear by default (CT windows clip
+large areas to exactly -1, which tanh reaches only at infinite pre-activation); ``indices_to_img``
+clamps to [-1, 1]. With S = 0 (image-only mode) the decoder has no logit channels and ``decode``
+returns logits of a single constant background channel.
+
+Architecture (VAR-NOTES.md): conv_in, per level ``encoder_res_blocks`` residual blocks (GroupNorm, SiLU,
+3×3 convs) and a stride-2 conv except at the last level; single-head self-attention in the last level's
+blocks and in the middle (block, attention, block); GroupNorm, SiLU, 3×3 conv to the latent. The decoder
+mirrors it with ``decoder_res_blocks`` blocks per level and nearest ×2 + 3×3 conv upsampling. No
+BatchNorm, so multi-GPU training equals single-GPU training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medaug.errors import ConfigError, LabelError
+from medaug.models.quant import MultiScaleQuantizer, QuantizerConfig
+
+IGNORE_LABEL = 255
+"""Label value of pixels that carry no label (no loss, all-zero one-hot)."""
+
+
+@dataclass(frozen=True)
+class VQVAEConfig:
+    """Tokenizer settings (defaults: VAR's 256² tokenizer on one image channel, no labels).
+
+    image_size: H = W of the input slices in pixels.
+    image_channels: C_img, the most channels any domain has (absent ones are zero-filled and masked).
+    num_structures: S, structures the model knows (model-local indices 1..S); 0 = image-only mode.
+    base_channels: width of the first level (160 in VAR; 16-32 for tests).
+    channel_multipliers: per-level width multipliers; 2**(levels - 1) is the downsampling factor.
+    encoder_res_blocks / decoder_res_blocks: residual blocks per level (VAR: 2 and 3).
+    attention: single-head self-attention at the lowest resolution (last level's blocks and middle).
+    max_norm_groups: GroupNorm uses the largest group count <= this that divides the channels.
+    dropout: dropout inside residual blocks.
+    image_head: "linear" (default) or "tanh" on the image output.
+    quantizer: the multi-scale quantizer; its last patch side must equal image_size / downsampling.
+    """
+
+    image_size: int = 256
+    image_channels: int = 1
+    num_structures: int = 0
+    base_channels: int = 160
+    channel_multipliers: tuple[int, ...] = (1, 1, 2, 2, 4)
+    encoder_res_blocks: int = 2
+    decoder_res_blocks: int = 3
+    attention: bool = True
+    max_norm_groups: int = 32
+    dropout: float = 0.0
+    image_head: Literal["linear", "tanh"] = "linear"
+    quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
+
+    @property
+    def downsample(self) -> int:
+        """Spatial reduction of the encoder (16 for five levels)."""
+        return 2 ** (len(self.channel_multipliers) - 1)
+
+    @property
+    def latent_side(self) -> int:
+        return self.image_size // self.downsample
+
+    def __post_init__(self) -> None:
+        if not self.channel_multipliers or min(self.channel_multipliers) < 1:
+            raise ConfigError("channel_multipliers", f"is {self.channel_multipliers}; expected positive ints")
+        if self.image_size < 1 or self.image_size % self.downsample:
+            raise ConfigError("image_size", f"is {self.image_size}; expected a multiple of {self.downsample}")
+        if self.quantizer.patch_sides[-1] != self.latent_side:
+            raise ConfigError(
+                "quantizer.patch_sides",
+                f"ends with {self.quantizer.patch_sides[-1]}; expected the latent side {self.latent_side}"
+                f" (image_size {self.image_size} / downsampling {self.downsample})",
+            )
+        for name in ("image_channels", "base_channels", "encoder_res_blocks", "decoder_res_blocks", "max_norm_groups"):
+            if getattr(self, name) < 1:
+                raise ConfigError(name, f"is {getattr(self, name)}; expected >= 1")
+        if not 0 <= self.num_structures < IGNORE_LABEL:
+            raise ConfigError("num_structures", f"is {self.num_structures}; expected 0..{IGNORE_LABEL - 1}")
+
+
+def norm_groups(channels: int, max_groups: int = 32) -> int:
+    """The largest group count <= ``max_groups`` that divides ``channels``."""
+    return max(groups for groups in range(1, min(max_groups, channels) + 1) if channels % groups == 0)
+
+
+def group_norm(channels: int, max_groups: int) -> nn.GroupNorm:
+    return nn.GroupNorm(norm_groups(channels, max_groups), channels, eps=1e-6)
+
+
+class ResnetBlock(nn.Module):
+    """x + conv(SiLU(GN(conv(SiLU(GN(x)))))), with a 1×1 conv on the skip when the width changes."""
+
+    def __init__(self, in_channels: int, out_channels: int, max_groups: int, dropout: float):
+        super().__init__()
+        self.norm1 = group_norm(in_channels, max_groups)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
+        self.norm2 = group_norm(out_channels, max_groups)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
+        self.skip = nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
+
+    def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
+        h_BCHW = self.conv1(F.silu(self.norm1(x_BCHW)))
+        h_BCHW = self.conv2(self.dropout(F.silu(self.norm2(h_BCHW))))
+        return self.skip(x_BCHW) + h_BCHW
+
+
+class SelfAttention(nn.Module):
+    """Single-head self-attention over all positions, residual: x + proj(softmax(qkᵀ/√C)·v)."""
+
+    def __init__(self, channels: int, max_groups: int):
+        super().__init__()
+        self.norm = group_norm(channels, max_groups)
+        self.qkv = nn.Conv2d(channels, 3 * channels, kernel_size=1)
+        self.proj = nn.Conv2d(channels, channels, kernel_size=1)
+
+    def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
+        batch, channels, height, width = x_BCHW.shape
+        qkv_B3CN = self.qkv(self.norm(x_BCHW)).view(batch, 3, channels, height * width)
+        q_BNC, k_BNC, v_BNC = qkv_B3CN.transpose(2, 3).unbind(dim=1)  # each (B, H·W, C)
+        out_BNC = F.scaled_dot_product_attention(q_BNC, k_BNC, v_BNC)
+        out_BCHW = out_BNC.transpose(1, 2).reshape(batch, channels, height, width)
+        return x_BCHW + self.proj(out_BCHW)
+
+
+class Downsample(nn.Module):
+    """Stride-2 3×3 conv after padding right/bottom by one (halves an even side exactly)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, kernel_size=3, stride=2)
+
+    def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x_BCHW, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour ×2 then a 3×3 conv."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
+
+    def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x_BCHW, scale_factor=2.0, mode="nearest"))
+
+
+def _middle(channels: int, config: VQVAEConfig) -> list[nn.Module]:
+    """Block, (attention), block at the lowest resolution."""
+    groups, dropout = config.max_norm_groups, config.dropout
+    attention = [SelfAttention(channels, groups)] if config.attention else []
+    first = ResnetBlock(channels, channels, groups, dropout)
+    second = ResnetBlock(channels, channels, groups, dropout)
+    return [first, *attention, second]
+
+
+def _level(in_channels: int, out_channels: int, blocks: int, attention: bool, config: VQVAEConfig) -> list[nn.Module]:
+    """``blocks`` residual blocks, each followed by self-attention when ``attention``."""
+    layers: list[nn.Module] = []
+    for i in range(blocks):
+        layers.append(ResnetBlock(in_channels if i == 0 else out_channels, out_channels, config.max_norm_groups,
+                                  config.dropout))
+        if attention:
+            layers.append(SelfAttention(out_channels, config.max_norm_groups))
+    return layers
+
+
+def _output(channels: int, out_channels: int, config: VQVAEConfig) -> list[nn.Module]:
+    return [group_norm(channels, config.max_norm_groups), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)]
+
+
+class Encoder(nn.Sequential):
+    """(B, in_channels, H, W) → (B, latent_dim, H/d, W/d), d = 2**(levels - 1)."""
+
+    def __init__(self, config: VQVAEConfig, in_channels: int):
+        widths = [config.base_channels * m for m in config.channel_multipliers]
+        last = len(widths) - 1
+        layers: list[nn.Module] = [nn.Conv2d(in_channels, config.base_channels, kernel_size=3, padding=1)]
+        previous = config.base_channels
+        for i, width in enumerate(widths):
+            layers += _level(previous, width, config.encoder_res_blocks, config.attention and i == last, config)
+            if i != last:
+                layers.append(Downsample(width))
+            previous = width
+        layers += _middle(previous, config)
+        layers += _output(previous, config.quantizer.latent_dim, config)
+        super().__init__(*layers)
+
+
+class Decoder(nn.Sequential):
+    """(B, latent_dim, h, w) → (B, out_channels, h·d, w·d), mirroring :class:`Encoder`."""
+
+    def __init__(self, config: VQVAEConfig, out_channels: int):
+        widths = [config.base_channels * m for m in config.channel_multipliers]
+        last = len(widths) - 1
+        previous = widths[-1]
+        layers: list[nn.Module] = [nn.Conv2d(config.quantizer.latent_dim, previous, kernel_size=3, padding=1)]
+        layers += _middle(previous, config)
+        for i in reversed(range(len(widths))):
+            layers += _level(previous, widths[i], config.decoder_res_blocks, config.attention and i == last, config)
+            if i != 0:
+                layers.append(Upsample(widths[i]))
+            previous = widths[i]
+        layers += _output(previous, out_channels, config)
+        super().__init__(*layers)
+
+    @property
+    def last_layer(self) -> nn.Conv2d:
+        """The output conv (its weight is where VAR-style adaptive GAN weights measure gradients)."""
+        return self[-1]
+
+
+def label_to_onehot(label_BHW: torch.Tensor, num_structures: int) -> torch.Tensor:
+    """One-hot (B, S, H, W) float32 of a model-local label map (B, H, W).
+
+    Values: 0 background, 1..S structures (plane s-1), 255 ignore; background and ignore pixels are
+    all-zero. Any other value raises :class:`LabelError`.
+    """
+    valid_BHW = (label_BHW >= 0) & ((label_BHW <= num_structures) | (label_BHW == IGNORE_LABEL))
+    if not bool(valid_BHW.all()):
+        bad = label_BHW[~valid_BHW][0].item()
+        raise LabelError("label map", f"holds value {bad}; expected 0, 1..{num_structures} or {IGNORE_LABEL}")
+    structure_BHW = torch.where(label_BHW == IGNORE_LABEL, 0, label_BHW).long()
+    onehot_BHWS = F.one_hot(structure_BHW, num_structures + 1)[..., 1:]  # drop background
+    return onehot_BHWS.permute(0, 3, 1, 2).float()
+
+
+def logits_to_label(logits_BKHW: torch.Tensor) -> torch.Tensor:
+    """Most likely model-local label (B, H, W) int64 (0 background, 1..S) from logits (B, S+1, H, W)."""
+    return logits_BKHW.argmax(dim=1)
+
+
+class VQVAE(nn.Module):
+    """Multi-scale residual VQ-VAE over image channels + channel mask + label map (see module doc)."""
+
+    def __init__(self, config: VQVAEConfig):
+        super().__init__()
+        self.config = config
+        latent_dim = config.quantizer.latent_dim
+        in_channels = 2 * config.image_channels + config.num_structures
+        logit_channels = config.num_structures + 1 if config.num_structures else 0
+        self.encoder = Encoder(config, in_channels)
+        self.quant_conv = nn.Conv2d(latent_dim, latent_dim, kernel_size=3, padding=1)
+        self.quantizer = MultiScaleQuantizer(config.quantizer)
+        self.post_quant_conv = nn.Conv2d(latent_dim, latent_dim, kernel_size=3, padding=1)
+        self.decoder = Decoder(config, config.image_channels + logit_channels)
+
+    @property
+    def last_decoder_layer(self) -> torch.Tensor:
+        """Weight of the decoder's output conv (for :func:`medaug.models.losses.adaptive_gan_weight`)."""
+        return self.decoder.last_layer.weight
+
+    def encoder_input(
+        self, image_BCHW: torch.Tensor, channel_mask_BC: torch.Tensor, label_onehot_BSHW: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Concatenate masked image, channel-mask planes and one-hot labels: (B, 2·C_img + S, H, W).
+
+        ``label_onehot_BSHW``: (B, S, H, W) from :func:`label_to_onehot`, or None for no labels (zero planes).
+        """
+        self._check_image(image_BCHW, channel_mask_BC)
+        planes_BCHW = channel_mask_BC.to(image_BCHW.dtype)[:, :, None, None].expand_as(image_BCHW)
+        parts = [image_BCHW * planes_BCHW, planes_BCHW]
+        structures = self.config.num_structures
+        if structures:
+            if label_onehot_BSHW is None:
+                label_onehot_BSHW = image_BCHW.new_zeros(image_BCHW.shape[0], structures, *image_BCHW.shape[2:])
+            if tuple(label_onehot_BSHW.shape[1:]) != (structures, *image_BCHW.shape[2:]):
+                raise ValueError(f"one-hot labels have shape {tuple(label_onehot_BSHW.shape)}; expected "
+                                 f"(B, {structures}, {image_BCHW.shape[2]}, {image_BCHW.shape[3]})")
+            parts.append(label_onehot_BSHW.to(image_BCHW.dtype))
+        return torch.cat(parts, dim=1)
+
+    def encode(
+        self, image_BCHW: torch.Tensor, channel_mask_BC: torch.Tensor, label_onehot_BSHW: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Continuous latent f (B, latent_dim, h, h) before quantization."""
+        return self.quant_conv(self.encoder(self.encoder_input(image_BCHW, channel_mask_BC, label_onehot_BSHW)))
+
+    def quantize(self, f_BCHW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """(f_hat_st, quantization loss, codebook stats): see :meth:`MultiScaleQuantizer.forward`."""
+        return self.quantizer(f_BCHW)
+
+    def decode(self, f_hat_BCHW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image (B, C_img, H, W), logits (B, S + 1, H, W)) from the accumulated latent."""
+        out_BCHW = self.decoder(self.post_quant_conv(f_hat_BCHW))
+        channels = self.config.image_channels
+        image_BCHW = out_BCHW[:, :channels]
+        if self.config.image_head == "tanh":
+            image_BCHW = torch.tanh(image_BCHW)
+        if self.config.num_structures:
+            return image_BCHW, out_BCHW[:, channels:]
+        return image_BCHW, out_BCHW.new_zeros(out_BCHW.shape[0], 1, *out_BCHW.shape[2:])
+
+    def forward(
+        self, image_BCHW: torch.Tensor, channel_mask_BC: torch.Tensor, label_BHW: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """Reconstruct: (image_rec (B, C_img, H, W), logits (B, S+1, H, W), quant_loss, stats).
+
+        ``label_BHW``: model-local label map (0 background, 1..S, 255 ignore) or None (no labels).
+        """
+        f_BCHW = self.encode(image_BCHW, channel_mask_BC, self._onehot(label_BHW))
+        f_hat_BCHW, quant_loss, stats = self.quantize(f_BCHW)
+        image_rec_BCHW, logits_BKHW = self.decode(f_hat_BCHW)
+        return image_rec_BCHW, logits_BKHW, quant_loss, stats
+
+    @torch.no_grad()
+    def img_to_indices(
+        self, image_BCHW: torch.Tensor, channel_mask_BC: torch.Tensor, label_BHW: torch.Tensor | None = None
+    ) -> list[torch.Tensor]:
+        """Per-scale token maps [(B, p_k, p_k) int64] of labelled slices (for the transformer)."""
+        f_BCHW = self.encode(image_BCHW, channel_mask_BC, self._onehot(label_BHW))
+        return self.quantizer.features_to_indices(f_BCHW)
+
+    @torch.no_grad()
+    def indices_to_img(self, indices: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode token maps: (image (B, C_img, H, W) clamped to [-1, 1], label (B, H, W) int64 model-local)."""
+        image_BCHW, logits_BKHW = self.decode(self.quantizer.indices_to_features(indices))
+        return image_BCHW.clamp(-1.0, 1.0), logits_to_label(logits_BKHW)
+
+    def _onehot(self, label_BHW: torch.Tensor | None) -> torch.Tensor | None:
+        if label_BHW is None or not self.config.num_structures:
+            return None
+        return label_to_onehot(label_BHW, self.config.num_structures)
+
+    def _check_image(self, image_BCHW: torch.Tensor, channel_mask_BC: torch.Tensor) -> None:
+        size, channels = self.config.image_size, self.config.image_channels
+        if image_BCHW.dim() != 4 or tuple(image_BCHW.shape[1:]) != (channels, size, size):
+            raise ValueError(f"image has shape {tuple(image_BCHW.shape)}; expected (B, {channels}, {size}, {size})")
+        if tuple(channel_mask_BC.shape) != (image_BCHW.shape[0], channels):
+            raise ValueError(f"channel_mask has shape {tuple(channel_mask_BC.shape)}; expected (B, {channels})")
+
+
+__all__ = [
+    "IGNORE_LABEL",
+    "VQVAEConfig",
+    "VQVAE",
+    "Encoder",
+    "Decoder",
+    "ResnetBlock",
+    "SelfAttention",
+    "label_to_onehot",
+    "logits_to_label",
+    "norm_groups",
+]
