@@ -195,9 +195,10 @@ class _BatchLayout:
 class _BatchSlots:
     """A DataLoader worker's pool of shared-memory batch buffers, reused once the main process drops them.
 
-    Why: a fresh shared-memory buffer per batch costs a page fault per 4 KiB in the worker (and again in
-    the receiver); on the 2-core sandbox that alone capped a 2-worker loader near 3,000 slices/s, while
-    recycled buffers reach the figures in ``benchmarks/results/read_index-cpu2.json``. ``flags[slot]`` is
+    Why: a fresh shared-memory buffer per batch costs a page fault per 4 KiB page in the worker (about
+    0.85 GB/s of fresh memory on the 2-core sandbox VM against 7 GB/s for reused memory); with a fresh
+    buffer per batch a 2-worker loader delivered 3,000-3,800 float16 slices/s warm, with reused buffers
+    13,000-15,000 (``benchmarks/read_index.py``, 256², 2 channels, batch 64). ``flags[slot]`` is
     1 from when the worker fills a slot until the receiving process has dropped every tensor of that
     batch (a ``weakref.finalize`` on its storage, which lives exactly as long as its tensors). A batch
     kept by the receiver keeps its slot; when all slots are taken a fresh, unpooled buffer is used.

@@ -7,17 +7,20 @@ Layout under the dataset root::
     parts/<volume_id>.parquet      the volume's index rows (``index.py`` schema), written LAST
     index.parquet                  all parts, sorted by (volume_id, slice_index): :func:`assemble_index`
 
-Why one shard per volume. ``prepare`` handles one volume at a time and must resume after a kill: each file
-is written under a ``.part-<pid>-`` name and renamed, and the parts file is renamed last, so a volume
-counts as complete (:meth:`ShardWriter.is_complete`) only once everything it needs is in place; a killed
-run leaves at most ``.part-*`` files, which :meth:`ShardWriter.cleanup_stale` removes. Plain ``.npy``
-files open with ``np.load(mmap_mode="r")`` (numpy, any language with an .npy reader) and a slice is one
-contiguous run of ``C*H*W`` float16 plus ``H*W`` bytes, so a random read costs two page-cache copies
-whatever the shard size. Measured on the 2-core CPU sandbox (``benchmarks/read_index.py``, 20 volumes x
-100 slices, 256², 2 channels; figures in ``benchmarks/results/read_index-cpu2.json``): per-volume shards
-read in random order through a 2-worker DataLoader well above the 5,000 slices/s target warm, and cold
-reads are bounded by the disk, not by the number of files; multi-volume shards would save only the
-(cached) file opens while making atomic per-volume writes and resume much harder, so they are not used.
+Why one shard per volume. ``prepare`` handles one volume at a time and must resume after a kill: each
+file is written under a ``.part-<pid>-`` name and renamed, and the parts file is renamed last, so a
+volume counts as complete (:meth:`ShardWriter.is_complete`) only once everything it needs is in place;
+a killed run leaves at most ``.part-*`` files, which :meth:`ShardWriter.cleanup_stale` removes. Plain
+``.npy`` files open with ``np.load(mmap_mode="r")`` (numpy, or any .npy reader), and a slice is one
+contiguous run of ``C*H*W`` float16 plus one of ``H*W`` bytes, so a random read costs the same whatever
+the shard size. Measured on the 2-core CPU sandbox (2,000 slices of 256², 2 channels, read in random
+order by ``batched_loader``, 2 workers, 6 alternating runs each, a busy shared machine): 20 per-volume
+shards vs the same slices in one 2,000-slice shard gave medians of 4,150 vs 4,350 slices/s cold and
+16,600 vs 14,100 warm, equal within the run-to-run noise (±40 %), so multi-volume shards, which would
+make atomic per-volume writes and resume harder, are not used. Asking the kernel to read a whole
+batch ahead (``madvise(MADV_WILLNEED)`` per slice before copying) made cold reads slower here (median
+2,700 vs 5,000 slices/s over 10 alternating runs), so reads rely on the page-fault read-around.
+Benchmark: ``benchmarks/read_index.py``; results: ``benchmarks/results/read_index-cpu2.json``.
 
 Reading. :class:`ShardStore` opens memmaps lazily in the process that reads (a DataLoader worker opens its
 own; pickling a store drops its open maps) and keeps at most ``max_open`` shards open (LRU), since each

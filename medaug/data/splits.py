@@ -76,15 +76,17 @@ _ROWS, _COLS = _low_frequency_order(THUMBNAIL_SIZE, FINGERPRINT_BITS)
 
 
 def slice_fingerprint(image_HW: np.ndarray) -> bytes:
-    """8-byte perceptual hash of a harmonized slice (model space [-1, 1], any float or int dtype).
+    """32-byte (256-bit) perceptual hash of one harmonized slice (H, W), model space [-1, 1], any dtype.
 
     Returns ``b""`` for a nearly flat slice (nothing to recognize it by). Compare two fingerprints with
-    :func:`hamming`: copies of one scan differ by a few bits at most, different slices by ~32.
+    :func:`hamming`: copies of one scan differ by a few bits, unrelated slices by about half of them.
     """
+    if np.ndim(image_HW) != 2:
+        raise ValueError(f"slice_fingerprint takes one (H, W) slice, got shape {np.shape(image_HW)}")
     thumbnail = area_resize(image_HW)
     if not np.all(np.isfinite(thumbnail)) or thumbnail.std() < FLAT_STD:
         return b""
-    coefficients = scipy.fft.dctn(thumbnail, norm="ortho")[_ROWS, _COLS]  # (64,)
+    coefficients = scipy.fft.dctn(thumbnail, norm="ortho")[_ROWS, _COLS]  # (FINGERPRINT_BITS,)
     bits = coefficients > np.median(coefficients)
     return np.packbits(bits).tobytes()
 
@@ -123,13 +125,14 @@ def _band_keys(words_NW: np.ndarray, bands: int) -> list[np.ndarray]:
 def _near_pairs(words_NW: np.ndarray, owner_N: np.ndarray, max_distance: int) -> tuple[np.ndarray, np.ndarray]:
     """Index pairs (i, j) with owner[i] < owner[j] whose fingerprints differ in <= ``max_distance`` bits.
 
-    Multi-index hashing: cut the bits into ``max_distance + 1`` bands; by pigeonhole, two fingerprints
-    within that distance agree exactly on at least one band, so only fingerprints sharing a band value
-    are compared. The work is the number of such candidate pairs, not N^2; identical copies (the common
-    case) collide in every band and are found at once.
+    Multi-index hashing: cut the bits into at least ``max_distance + 1`` bands; by pigeonhole, two
+    fingerprints within that distance agree exactly on at least one band, so only fingerprints sharing a
+    band value are compared. The work is the number of such candidate pairs, not N^2; identical copies
+    (the common case) collide in every band and are found at once.
     """
+    bands = max(max_distance + 1, -(-FINGERPRINT_BITS // 62))  # a band key must fit in int64
     firsts, seconds = [np.empty(0, np.int64)], [np.empty(0, np.int64)]
-    for keys_N in _band_keys(words_NW, max_distance + 1):
+    for keys_N in _band_keys(words_NW, bands):
         i, j = _equal_key_pairs(keys_N)
         distance = _popcount(words_NW[i] ^ words_NW[j])
         keep = (distance <= max_distance) & (owner_N[i] != owner_N[j])
@@ -280,17 +283,20 @@ def assign_splits(
 
     A group's split depends only on (seed, group name, fractions): its hash point in [0, 1) is compared
     with the cumulative fractions, so adding or removing other groups never moves it. ``pinned`` maps a
-    group name, or any name in ``members[group]`` (subjects, pre-merge groups), to a split; a pin moves
-    its whole group. Two different pins inside one group raise :class:`ConfigError` naming them; a pin
-    that names nothing is logged as ignored.
+    group name, or any name in ``members[group]`` (subjects, pre-merge groups; by default the ``+``-joined
+    parts of a merged name), to a split; a pin moves its whole group. Two different pins inside one group
+    raise :class:`ConfigError` naming them; a pin that names nothing is logged as ignored.
     """
     bounds = _cumulative_bounds(fractions)
     pinned = dict(pinned or {})
     _check_pin_values(pinned)
-    members = {group: set(names) for group, names in (members or {}).items()}
+    groups = sorted(set(groups))
+    if members is None:
+        members = {group: group.split("+") for group in groups}
+    members = {group: set(names) for group, names in members.items()}
     used_pins: set[str] = set()
     splits = {}
-    for group in sorted(set(groups)):
+    for group in groups:
         pins = {name: pinned[name] for name in sorted({group} | members.get(group, set())) if name in pinned}
         used_pins.update(pins)
         if len(set(pins.values())) > 1:
