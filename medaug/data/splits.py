@@ -336,15 +336,51 @@ def split_index(
 
     ``pinned`` keys may be subjects, recipe patient groups, or merged group names.
     """
-    frame = table.select(["volume_id", "subject", "patient_group", "fingerprint"]).to_pandas()
+    columns = ["volume_id", "subject", "patient_group", "fingerprint"] + (["domain"] if "domain" in table.column_names else [])
+    frame = table.select(columns).to_pandas()
     merged = merge_patient_groups(frame, max_distance, min_slices, min_fraction)
     members: dict[str, set[str]] = defaultdict(set)
     for volume_id, subject, group in zip(frame["volume_id"], frame["subject"], frame["patient_group"]):
         members[merged[volume_id]].update((str(subject), str(group)))
     splits = assign_splits(sorted(members), fractions, seed, pinned, members)
+    if "domain" in frame:
+        pinned_groups = {group for group in members if any(name in (pinned or {}) for name in {group} | members[group])}
+        by_domain: dict[str, set[str]] = defaultdict(set)
+        for volume_id, domain in zip(frame["volume_id"], frame["domain"]):
+            by_domain[str(domain)].add(merged[volume_id])
+        for domain in sorted(by_domain):
+            fill_empty_splits(splits, sorted(by_domain[domain]), fractions, seed, pinned_groups)
     new_groups = [merged[volume_id] for volume_id in frame["volume_id"]]
     table = _replace_column(table, "patient_group", new_groups)
     return _replace_column(table, "split", [splits[group] for group in new_groups])
+
+
+def fill_empty_splits(
+    splits: dict[str, str], groups: Sequence[str], fractions: Sequence[float], seed: int, fixed: set[str]
+) -> None:
+    """Give every split with a positive fraction at least one of ``groups`` (e.g. one domain's), in place.
+
+    Hash splits are stable but, on a handful of groups, can leave val or test empty (4 groups at
+    80/10/10 are all train 41% of the time), and then nothing can be evaluated. When a split is empty
+    and the largest split has two or more movable (unpinned) groups, the one whose hash point lies
+    closest to the empty split's interval moves. Datasets with enough groups are never touched, so
+    splits stay stable as data grows; tiny ones get a usable val and test.
+    """
+    bounds = np.concatenate([[0.0], _cumulative_bounds(fractions), [1.0]])
+    for index, split in enumerate(SPLITS):
+        members = [group for group in groups if splits[group] == split]
+        if fractions[index] <= 0 or members:
+            continue
+        counts = {name: sum(splits[group] == name for group in groups) for name in SPLITS}
+        donor = max(SPLITS, key=lambda name: counts[name])
+        movable = [group for group in groups if splits[group] == donor and group not in fixed]
+        if counts[donor] < 2 or not movable:
+            continue
+        low, high = bounds[index], bounds[index + 1]
+        distance = {group: max(low - split_fraction_point(group, seed), split_fraction_point(group, seed) - high, 0.0) for group in movable}
+        chosen = min(movable, key=lambda group: (distance[group], group))
+        log.info("split %s had no patient group of %d; moving %s from %s", split, len(groups), chosen, donor)
+        splits[chosen] = split
 
 
 def _replace_column(table: pa.Table, name: str, values: list[str]) -> pa.Table:

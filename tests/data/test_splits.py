@@ -289,3 +289,21 @@ def test_split_index_merges_groups_and_never_splits_one(tmp_path):
     assert set(frame["split"]) == {"train", "val", "test"}
     path = write_index(table, tmp_path / "index.parquet")
     assert read_index(path).column("split").null_count == 0
+
+
+def test_tiny_domains_get_a_val_and_a_test_group():
+    from medaug.data.splits import assign_splits, fill_empty_splits
+
+    groups = [f"g{index}" for index in range(200)]
+    hashed = assign_splits(groups, seed=0)
+    # find 4 groups that the hash puts in train: the unlucky tiny dataset
+    tiny = [group for group in groups if hashed[group] == "train"][:4]
+    splits = {group: hashed[group] for group in tiny}
+    fill_empty_splits(splits, tiny, (0.8, 0.1, 0.1), 0, fixed=set())
+    assert sorted(splits.values()) == ["test", "train", "train", "val"]
+    pinned = dict(splits)
+    fill_empty_splits(pinned, tiny, (0.8, 0.1, 0.1), 0, fixed=set(tiny))  # nothing movable: unchanged
+    assert pinned == splits
+    large = dict(hashed)
+    fill_empty_splits(large, groups, (0.8, 0.1, 0.1), 0, fixed=set())
+    assert large == hashed  # enough groups: the hash splits stand
