@@ -301,8 +301,6 @@ def sample_slices(array_CIJK: np.ndarray, grid: SliceGrid, slice_indices: np.nda
     ``linear``: bilinear in-plane, float32 output; else nearest, the input dtype. Pixels outside the
     volume are ``fill`` (inside pixels never mix with it).
     """
-    import torch
-
     normal, row_axis, col_axis = PLANE_AXES[grid.plane]
     view_NCRC = array_CIJK.transpose(1 + normal, 0, 1 + row_axis, 1 + col_axis)
     rows, cols = grid.row_positions, grid.col_positions
@@ -310,11 +308,10 @@ def sample_slices(array_CIJK: np.ndarray, grid: SliceGrid, slice_indices: np.nda
     block_NCRC = view_NCRC[:, :, row0:row1, col0:col1][np.asarray(slice_indices, dtype=np.int64)]  # C-contiguous copy
     if not block_NCRC.dtype.isnative:  # big-endian files; torch takes native byte order only
         block_NCRC = block_NCRC.astype(block_NCRC.dtype.newbyteorder("="))
-    stack_NCRC = torch.from_numpy(block_NCRC)
     sample = _bilinear if linear else _nearest
-    sampled_NCHW = sample(stack_NCRC, rows - row0, cols - col0)
+    sampled_NCHW = sample(block_NCRC, rows - row0, cols - col0)
     _fill_outside(sampled_NCHW, rows, cols, view_NCRC.shape[2:], fill)
-    return sampled_NCHW.numpy()
+    return sampled_NCHW
 
 
 def _needed_range(positions: np.ndarray, count: int) -> tuple[int, int]:
@@ -325,42 +322,43 @@ def _needed_range(positions: np.ndarray, count: int) -> tuple[int, int]:
     return start, max(min(stop, count), start + 1)
 
 
-def _bilinear(stack_NCRC, rows: np.ndarray, cols: np.ndarray):
-    """Bilinear samples at fractional (row, col) indices: one ``grid_sample`` over the stack."""
+def _bilinear(block_NCRC: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Bilinear samples at fractional (row, col) indices: one ``grid_sample`` over the stack, float32."""
     import torch
     import torch.nn.functional as F
 
-    count, channels, height, width = stack_NCRC.shape
+    count, channels, height, width = block_NCRC.shape
     if count * channels == 0:
-        return torch.zeros((count, channels, len(rows), len(cols)))
+        return np.zeros((count, channels, len(rows), len(cols)), dtype=np.float32)
     x = 2.0 * cols / max(width - 1, 1) - 1.0  # align_corners=True: -1 and +1 are the first and last voxel centres
     y = 2.0 * rows / max(height - 1, 1) - 1.0
     grid_1HW2 = torch.from_numpy(np.stack(np.meshgrid(x, y, indexing="xy"), axis=-1).astype(np.float32))[None]
     grid_NHW2 = grid_1HW2.expand(count, -1, -1, -1)  # one grid shared by all slices (no copy)
-    return F.grid_sample(stack_NCRC.float(), grid_NHW2, mode="bilinear", padding_mode="border", align_corners=True)
+    stack_NCRC = torch.from_numpy(block_NCRC.astype(np.float32, copy=False))  # numpy's cast measured ~2x torch's .float()
+    return F.grid_sample(stack_NCRC, grid_NHW2, mode="bilinear", padding_mode="border", align_corners=True).numpy()
 
 
-def _nearest(stack_NCRC, rows: np.ndarray, cols: np.ndarray):
-    """Nearest-voxel samples (exact gathers, any dtype)."""
-    import torch
+def _nearest(block_NCRC: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Nearest-voxel samples (exact gathers, any dtype).
 
-    height, width = stack_NCRC.shape[2:]
-    row_index = torch.from_numpy(np.clip(np.floor(rows + 0.5), 0, height - 1).astype(np.int64))
-    col_index = torch.from_numpy(np.clip(np.floor(cols + 0.5), 0, width - 1).astype(np.int64))
-    return stack_NCRC[:, :, row_index][:, :, :, col_index]
+    NumPy ``take``: torch advanced indexing measured ~15 ms of fixed cost per call on 2 CPU threads.
+    """
+    height, width = block_NCRC.shape[2:]
+    row_index = np.clip(np.floor(rows + 0.5), 0, height - 1).astype(np.intp)
+    col_index = np.clip(np.floor(cols + 0.5), 0, width - 1).astype(np.intp)
+    return np.take(np.take(block_NCRC, row_index, axis=2), col_index, axis=3)
 
 
-def _fill_outside(sampled_NCHW, rows: np.ndarray, cols: np.ndarray, source_shape: tuple[int, int], fill: float) -> None:
+def _fill_outside(sampled_NCHW: np.ndarray, rows: np.ndarray, cols: np.ndarray, source_shape: tuple[int, int],
+                  fill: float) -> None:
     """Set the rows/columns whose lattice points lie outside the source volume to ``fill``, in place."""
-    import torch
-
     height, width = source_shape
     outside_rows = np.flatnonzero((rows < -_POSITION_EPS) | (rows > height - 1 + _POSITION_EPS))
     outside_cols = np.flatnonzero((cols < -_POSITION_EPS) | (cols > width - 1 + _POSITION_EPS))
     if outside_rows.size:
-        sampled_NCHW[:, :, torch.from_numpy(outside_rows)] = fill
+        sampled_NCHW[:, :, outside_rows] = fill
     if outside_cols.size:
-        sampled_NCHW[:, :, :, torch.from_numpy(outside_cols)] = fill
+        sampled_NCHW[:, :, :, outside_cols] = fill
 
 
 # ---------------------------------------------------------------- slice stacks, crop and pad
