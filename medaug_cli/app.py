@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import typer
 
-from medaug_cli import phantoms, prepare
+from medaug_cli import phantoms, prepare, train
 
 app = typer.Typer(
     name="medaug",
@@ -19,6 +19,7 @@ app.command("phantoms")(phantoms.phantoms)
 app.command("prepare")(prepare.prepare)
 app.command("merge")(prepare.merge)
 app.command("inspect")(prepare.inspect)
+app.add_typer(train.app, name="train")
 
 
 def _print_version(value: bool) -> None:

@@ -185,8 +185,8 @@ def _pixel_scale(stored: int, image_size: int | None, where: Path) -> int:
     if image_size is None or stored == 0 or image_size == stored:
         return 1
     if image_size > stored or stored % image_size:
-        raise ConfigError("model.image_size", f"is {image_size}; the slices of {where} are {stored}² "
-                          f"and can only be downsampled by an integer factor (e.g. {stored // 4})")
+        raise ConfigError("model.image_size", f"is {image_size}; the slices of {where} are {stored}², so expected "
+                          f"{stored} or an integer fraction of it (e.g. {stored // 2}); or prepare at size {image_size}")
     return stored // image_size
 
 

@@ -1,0 +1,108 @@
+"""``medaug train``: train medaug's models (``tokenizer`` now; ``var``, ``features`` and ``all`` later)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from medaug_cli.render import console, print_error, print_json, table
+
+app = typer.Typer(
+    help="Train medaug's models on a prepared dataset (the train split only).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.command("tokenizer")
+def tokenizer(
+    data: Path = typer.Option(..., "--data", "-d", help="A prepared dataset folder (medaug prepare --out)."),
+    recipe: Path = typer.Option(..., "--recipe", "-r", help="A model recipe: recipes/models/FILE.yaml or its name (tiny, tokenizer-256)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run folder: checkpoints, log.jsonl, metrics.json, reconstructions.png."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", min=0, help="Stop after this many steps (overrides train.max_steps)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the run folder's latest checkpoint."),
+    overrides: Optional[list[str]] = typer.Option(None, "--set", help="Override a recipe key, e.g. --set train.batch_size=16 (repeatable)."),
+    json_output: bool = typer.Option(False, "--json", help="Print the summary as JSON (no progress bar)."),
+) -> None:
+    """Train the paired image + mask tokenizer (multi-scale VQ-VAE), then evaluate it on the val split.
+
+    Example: medaug train tokenizer --data prepared/demo --recipe tiny --out runs/tok --max-steps 400
+
+    On several GPUs: torchrun --nproc-per-node 4 -m medaug_cli.app train tokenizer ... (the batch is global).
+    """
+    from medaug.errors import MedaugError
+    from medaug.train.tokenizer import train_tokenizer
+
+    quiet = json_output or not _is_rank0()
+    try:
+        summary = _run_with_progress(train_tokenizer, data, recipe, out, max_steps, resume, overrides or [], quiet)
+    except MedaugError as error:
+        print_error(str(error))
+        raise typer.Exit(2) from None
+    if _is_rank0():
+        render_tokenizer_summary(summary, json_output)
+
+
+def _is_rank0() -> bool:
+    """Under torchrun only rank 0 shows progress and the summary (``RANK`` is set by the launcher)."""
+    return os.environ.get("RANK", "0").strip() in ("", "0")
+
+
+def _run_with_progress(train_tokenizer, data: Path, recipe: Path, out: Path, max_steps: int | None, resume: bool,
+                       overrides: list[str], quiet: bool) -> dict[str, Any]:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    options = {"max_steps": max_steps, "resume": resume, "overrides": overrides}
+    if quiet:
+        return train_tokenizer(data, recipe, out, **options)
+    columns = [TextColumn("[bold]tokenizer"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TimeRemainingColumn(), TextColumn("{task.description}")]
+    with Progress(*columns, console=console, transient=False) as progress:
+        bar = progress.add_task("", total=None)
+
+        def update(step: int, total: int, metrics: dict[str, float]) -> None:
+            loss = metrics.get("loss")
+            progress.update(bar, completed=step, total=total, description="" if loss is None else f"loss {loss:.4f}")
+
+        return train_tokenizer(data, recipe, out, progress=update, **options)
+
+
+def render_tokenizer_summary(summary: dict[str, Any], json_output: bool) -> None:
+    """Final loss terms, val image and mask quality, code usage and where the checkpoint is."""
+    if json_output:
+        print_json(summary)
+        return
+    metrics = summary.get("train_metrics") or {}
+    shown = [key for key in ("loss", "l1", "ssim", "ce", "dice", "quant", "g_loss", "d_loss", "codebook_usage") if key in metrics]
+    console.print(table(f"Trained {summary['run_dir']} to step {summary['step']} ({summary['stopped_by']})",
+                        shown, [[f"{metrics[key]:.4f}" for key in shown]]))
+    evaluation = summary.get("evaluation")
+    if evaluation:
+        _render_evaluation(evaluation)
+    console.print(f"checkpoint: {summary['checkpoint']}", soft_wrap=True, highlight=False)
+
+
+def _render_evaluation(evaluation: dict[str, Any]) -> None:
+    image_rows = [[key, _fmt(values.get("psnr")), _fmt(values.get("ssim")), _fmt(values.get("psnr_hu")), _fmt(values.get("mae_hu"))]
+                  for key, values in evaluation["image"].items()]
+    console.print(table(f"Reconstruction on {evaluation['split']} ({evaluation['slices']} slices)",
+                        ["channel", "PSNR dB", "SSIM", "PSNR (HU) dB", "MAE HU"], image_rows))
+    structure_rows = [[name, _fmt(values["dice"]), _fmt(values["hd95_mm"]), values["slices"], values["missed"]]
+                      for name, values in evaluation["structures"].items()]
+    if structure_rows:
+        console.print(table("Decoded masks", ["structure", "Dice", "HD95 mm", "slices", "missed"], structure_rows))
+        area_rows = [[name, _fmt(values["dice"]), _fmt(values["hd95_mm"]), values["slices"]]
+                     for name, values in evaluation["dice_by_area"].items()]
+        console.print(table("Dice by structure area", ["area", "Dice", "HD95 mm", "slices"], area_rows))
+    usage = evaluation["codebook"]["usage_per_scale"]
+    console.print(f"code usage per scale: {' '.join(f'{value:.2f}' for value in usage)}")
+    if evaluation.get("reconstructions_png"):
+        console.print(f"reconstructions: {evaluation['reconstructions_png']}", soft_wrap=True, highlight=False)
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"

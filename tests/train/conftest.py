@@ -1,0 +1,70 @@
+"""Shared training fixtures: a small prepared dataset of all three phantom domains at 64², and the tiny
+tokenizer trained on it once (a few dozen steps) for the tests of this package to reuse."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+# phantom voxel matrix and the domain spacing (mm) that fits its body into 64 pixels
+PHANTOM_DOMAINS: dict[str, tuple[tuple[int, int, int], float]] = {
+    "ct_abdomen": ((56, 56, 10), 8.0),     # 380-480 mm field of view
+    "mr_brain": ((48, 56, 14), 3.5),       # 176 x 208 mm head
+    "mr_prostate": ((64, 64, 10), 2.5),    # 150-165 mm pelvis
+}
+# 80 steps leave the prostate T2 below a constant-image baseline; 150 (about 25 s on 2 cores) clear it
+TINY_STEPS = 150
+TINY_OVERRIDES = [f"train.max_steps={TINY_STEPS}", "train.optim.vqvae.warmup_steps=5", "train.log_every=10",
+                  "eval.grid_rows=6"]
+
+
+def write_tiny_prepared(root: Path, domains: list[str] | None = None, n: int = 3, seed: int = 1) -> Path:
+    """Phantoms of ``domains`` (``n`` subjects each) prepared at 64² into ``root/prepared``.
+
+    Each domain's dataset recipe is copied with a coarse spacing, size 64, and subject ``phantom_0002``
+    (or the last one) pinned to ``val``, so the val split is never empty. Returns the prepared folder.
+    """
+    from medaug.config.recipes import load_prepare_recipe
+    from medaug.phantoms import write_phantoms
+    from medaug.prepare.pipeline import run_prepare
+
+    sources, domain_table = [], {}
+    for name in domains or list(PHANTOM_DOMAINS):
+        shape, spacing_mm = PHANTOM_DOMAINS[name]
+        write_phantoms(root / "phantoms", domains=[name], n=n, seed=seed, shape=shape)
+        recipe = yaml.safe_load((REPO / f"recipes/datasets/phantom_{name}.yaml").read_text())
+        recipe["domain"].update(spacing_mm=spacing_mm, size=64)
+        recipe["splits"] = {f"phantom_{n - 1:04d}": "val"}
+        recipe_path = root / f"phantom_{name}_64.yaml"
+        recipe_path.write_text(yaml.safe_dump(recipe))
+        sources.append({"path": str(root / "phantoms" / name), "dataset": str(recipe_path)})
+        domain = dict(recipe["domain"])
+        domain_table[domain.pop("name")] = domain
+    prepare_path = root / "prepare.yaml"
+    prepare_path.write_text(yaml.safe_dump({"sources": sources, "domains": domain_table}))
+    out = root / "prepared"
+    summary = run_prepare(load_prepare_recipe(prepare_path), out)
+    assert summary.volumes_rejected == 0, summary.rejected
+    return out
+
+
+@pytest.fixture(scope="package")
+def tiny_prepared(tmp_path_factory) -> Path:
+    """Three phantoms per domain (CT abdomen, MR brain, MR prostate) at 64²; one subject each in val."""
+    return write_tiny_prepared(tmp_path_factory.mktemp("tiny-data"))
+
+
+@pytest.fixture(scope="package")
+def tiny_tokenizer_run(tiny_prepared, tmp_path_factory) -> dict[str, Any]:
+    """``recipes/models/tiny.yaml`` trained for ``TINY_STEPS`` steps on :func:`tiny_prepared`, evaluated.
+
+    Returns :func:`medaug.train.tokenizer.train_tokenizer`'s summary (run_dir, checkpoint, evaluation...).
+    """
+    from medaug.train.tokenizer import train_tokenizer
+
+    out = tmp_path_factory.mktemp("tiny-run") / "run"
+    return train_tokenizer(tiny_prepared, REPO / "recipes/models/tiny.yaml", out, overrides=TINY_OVERRIDES)
