@@ -701,3 +701,14 @@ def test_read_dicom_refuses_a_seg_and_read_dicom_seg_refuses_an_image(tmp_path):
     with pytest.raises(ImageReadError, match="expected a DICOM SEG") as caught:
         read_dicom_seg(paths[0])
     assert str(paths[0]) in one_line(caught.value)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/mem"), reason="needs Linux /proc/self/mem as an unreadable file")
+def test_unreadable_file_even_as_root(tmp_path):
+    """A file whose read fails with an OS error (here EIO from /proc/self/mem, unreadable even for root)."""
+    write_series(tmp_path, known_hu(seed=15))
+    victim = tmp_path / "zz_unreadable.dcm"
+    victim.symlink_to("/proc/self/mem")
+    with pytest.raises(ImageReadError, match="cannot be opened") as caught:
+        read_dicom(tmp_path)
+    assert str(victim) in one_line(caught.value)

@@ -42,6 +42,11 @@ def write_prepare_recipe(path: Path, sources: list[dict], domains: dict) -> Path
 def phantom_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("phantoms")
     write_phantoms(root, domains=["ct_abdomen"], n=3, seed=7, formats=("nifti", "dicom"), shape=SMALL)
+    # the NIfTI copy as float32 (RAS), the DICOM copy int16 (LPS): two packagings of one scan
+    from medaug.io import read_nifti, write_nifti
+
+    for path in sorted((root / "ct_abdomen").glob("phantom_*/ct.nii.gz")):
+        write_nifti(read_nifti(path), path, dtype="float32")
     return root
 
 
@@ -70,7 +75,10 @@ def test_dataset_files_exist(prepared_ct):
     assert not (prepared_ct / "prepare.partial.json").exists()
 
 
-def test_same_scan_through_two_sources_joins_one_patient_group(prepared_ct):
+def test_same_scan_through_two_sources_joins_one_patient_group(prepared_ct, phantom_root):
+    import nibabel as nib
+
+    assert nib.load(phantom_root / "ct_abdomen/phantom_0000/ct.nii.gz").get_data_dtype() == np.float32
     frame = frame_of(prepared_ct)
     volumes = frame.groupby("volume_id").first()
     assert len(volumes) == 6  # 3 subjects x 2 sources
