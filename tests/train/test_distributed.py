@@ -16,6 +16,7 @@ from medaug.train import distributed
 from medaug.train.checkpoint import load_checkpoint
 from medaug.train.engine import OptimConfig, TrainConfig, train
 from tests.conftest import REPO_ROOT
+from tests.train.torchrun import run_torchrun
 from tests.train.toy import ToyTask
 
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -56,7 +57,7 @@ def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_pat
                str(REPO_ROOT / "tests" / "train" / "toy.py"), str(tmp_path / "ddp"), json.dumps(config)]
     (tmp_path / "ddp").mkdir()
     environment = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
-    finished = subprocess.run(command, env=environment, cwd=REPO_ROOT, capture_output=True, text=True, timeout=180)
+    finished = run_torchrun(command, fresh_dir=tmp_path / "ddp", env=environment, cwd=REPO_ROOT, timeout=180)
     assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
 
     optim = {name: OptimConfig(**options) for name, options in config["optim"].items()}

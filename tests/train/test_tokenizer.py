@@ -35,6 +35,7 @@ from medaug.train.tokenizer import (
 )
 from medaug.train.tokenizer_eval import annotated_argmax, area_bin, hd95_mm, reconstruct
 from tests.train.conftest import REPO, TINY_STEPS
+from tests.train.torchrun import run_torchrun
 
 TINY = REPO / "recipes/models/tiny.yaml"
 
@@ -397,7 +398,7 @@ def test_two_gloo_processes_equal_one_process_including_dead_code_reinit(tiny_pr
                "-m", "medaug_cli.app", "train", "tokenizer", "--data", str(tiny_prepared), "--recipe", str(TINY),
                "--out", str(tmp_path / "ddp"), "--max-steps", "3", *sets, "--json"]
     environment = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    finished = subprocess.run(command, env=environment, cwd=REPO, capture_output=True, text=True, timeout=300)
+    finished = run_torchrun(command, fresh_dir=tmp_path / "ddp", env=environment, cwd=REPO, timeout=300)
     assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
     assert json.loads(finished.stdout)["step"] == 3  # only rank 0 prints its summary
 
