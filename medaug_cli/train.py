@@ -1,4 +1,4 @@
-"""``medaug train``: train medaug's models (``tokenizer`` now; ``var``, ``features`` and ``all`` later)."""
+"""``medaug train``: train medaug's models (``tokenizer``, ``var``, ``all``; ``features`` later)."""
 
 from __future__ import annotations
 
@@ -39,7 +39,8 @@ def tokenizer(
 
     quiet = json_output or not _is_rank0()
     try:
-        summary = _run_with_progress(train_tokenizer, data, recipe, out, max_steps, resume, overrides or [], quiet)
+        summary = _run_with_progress(train_tokenizer, "tokenizer", quiet, data, recipe, out, max_steps=max_steps,
+                                     resume=resume, overrides=overrides or [])
     except MedaugError as error:
         print_error(str(error))
         raise typer.Exit(2) from None
@@ -52,23 +53,26 @@ def _is_rank0() -> bool:
     return os.environ.get("RANK", "0").strip() in ("", "0")
 
 
-def _run_with_progress(train_tokenizer, data: Path, recipe: Path, out: Path, max_steps: int | None, resume: bool,
-                       overrides: list[str], quiet: bool) -> dict[str, Any]:
+def _progress_bar(label: str):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    options = {"max_steps": max_steps, "resume": resume, "overrides": overrides}
-    if quiet:
-        return train_tokenizer(data, recipe, out, **options)
-    columns = [TextColumn("[bold]tokenizer"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+    columns = [TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TimeRemainingColumn(), TextColumn("{task.description}")]
-    with Progress(*columns, console=console, transient=False) as progress:
+    return Progress(*columns, console=console, transient=False)
+
+
+def _run_with_progress(function, label: str, quiet: bool, *args: Any, **options: Any) -> dict[str, Any]:
+    """``function(*args, **options, progress=...)`` under a Rich progress bar (none when ``quiet``)."""
+    if quiet:
+        return function(*args, **options)
+    with _progress_bar(label) as progress:
         bar = progress.add_task("", total=None)
 
         def update(step: int, total: int, metrics: dict[str, float]) -> None:
             loss = metrics.get("loss")
             progress.update(bar, completed=step, total=total, description="" if loss is None else f"loss {loss:.4f}")
 
-        return train_tokenizer(data, recipe, out, progress=update, **options)
+        return function(*args, progress=update, **options)
 
 
 def render_tokenizer_summary(summary: dict[str, Any], json_output: bool) -> None:
@@ -106,3 +110,112 @@ def _render_evaluation(evaluation: dict[str, Any]) -> None:
 
 def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
+
+
+# ---------------------------------------------------------------- the transformer
+
+
+@app.command("var")
+def var(
+    data: Path = typer.Option(..., "--data", "-d", help="A prepared dataset folder (medaug prepare --out)."),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", "-t", help="A trained tokenizer run (or checkpoint) folder; optional with --resume (the run's copy)."),
+    recipe: Path = typer.Option(..., "--recipe", "-r", help="A MedVAR recipe: recipes/models/FILE.yaml or its name (medvar-tiny, medvar-d16)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run folder: tokenizer copy, token cache, checkpoints, log.jsonl, samples.png."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", min=0, help="Stop after this many steps (overrides train.max_steps)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the run folder's latest checkpoint."),
+    overrides: Optional[list[str]] = typer.Option(None, "--set", help="Override a recipe key, e.g. --set sampler.by=domain (repeatable)."),
+    json_output: bool = typer.Option(False, "--json", help="Print the summary as JSON (no progress bar)."),
+) -> None:
+    """Train the MedVAR next-scale transformer on a trained tokenizer, then sample a grid per domain.
+
+    Example: medaug train var --data prepared/demo --tokenizer runs/tok --recipe medvar-tiny --out runs/var
+
+    The train split is tokenized once into RUN/token_cache/. The run folder is a self-contained generator
+    (it holds a copy of the tokenizer and the condition bank). On several GPUs:
+    torchrun --nproc-per-node 4 -m medaug_cli.app train var ... (the batch is global).
+    """
+    from medaug.errors import MedaugError
+    from medaug.train.var_task import train_var
+
+    if tokenizer is None and not resume:
+        print_error("--tokenizer: missing; expected a trained tokenizer run folder (optional only with --resume)")
+        raise typer.Exit(2)
+    quiet = json_output or not _is_rank0()
+    try:
+        summary = _run_with_progress(train_var, "var", quiet, data, tokenizer, recipe, out, max_steps=max_steps,
+                                     resume=resume, overrides=overrides or [])
+    except MedaugError as error:
+        print_error(str(error))
+        raise typer.Exit(2) from None
+    if _is_rank0():
+        render_var_summary(summary, json_output)
+
+
+@app.command("all")
+def all_models(
+    data: Path = typer.Option(..., "--data", "-d", help="A prepared dataset folder (medaug prepare --out)."),
+    recipe: Path = typer.Option(..., "--recipe", "-r", help="A recipe naming both models: {tokenizer: ..., var: ...}, or a MedVAR recipe with a tokenizer key (medvar-tiny)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run folder: the generator; the tokenizer trains in OUT/tokenizer_run."),
+    resume: bool = typer.Option(False, "--resume", help="Continue both stages from their latest checkpoints."),
+    overrides: Optional[list[str]] = typer.Option(None, "--set", help="Override a key of one stage: --set tokenizer.train.max_steps=50 or --set var.train.max_steps=50 (repeatable)."),
+    json_output: bool = typer.Option(False, "--json", help="Print the summary as JSON (no progress bar)."),
+) -> None:
+    """Train the tokenizer, then the MedVAR transformer on it, from one recipe.
+
+    Example: medaug train all --data prepared/demo --recipe medvar-tiny --out runs/demo
+    """
+    from medaug.errors import MedaugError
+    from medaug.train.var_task import train_all
+
+    quiet = json_output or not _is_rank0()
+    try:
+        summary = _run_stages(train_all, quiet, data, recipe, out, resume=resume, overrides=overrides or [])
+    except MedaugError as error:
+        print_error(str(error))
+        raise typer.Exit(2) from None
+    if not _is_rank0():
+        return
+    if json_output:
+        print_json(summary)
+        return
+    render_tokenizer_summary(summary["tokenizer"], False)
+    render_var_summary(summary["var"], False)
+
+
+def _run_stages(function, quiet: bool, *args: Any, **options: Any) -> dict[str, Any]:
+    """``function`` with a ``progress(stage, step, total, metrics)`` callback: one bar per stage."""
+    if quiet:
+        return function(*args, **options)
+    with _progress_bar("train") as progress:
+        bars: dict[str, Any] = {}
+
+        def update(stage: str, step: int, total: int, metrics: dict[str, float]) -> None:
+            if stage not in bars:
+                bars[stage] = progress.add_task("", total=total)
+            loss = metrics.get("loss")
+            text = stage if loss is None else f"{stage} loss {loss:.4f}"
+            progress.update(bars[stage], completed=step, total=total, description=text)
+
+        return function(*args, progress=update, **options)
+
+
+def render_var_summary(summary: dict[str, Any], json_output: bool) -> None:
+    """Final loss and token accuracy (all and per scale), the token cache, the sample grid, the checkpoint."""
+    if json_output:
+        print_json(summary)
+        return
+    metrics = summary.get("train_metrics") or {}
+    scales = sorted(key.split("/k")[1] for key in metrics if key.startswith("scale_acc/k"))
+    columns = ["loss", "acc", *[f"acc k{k}" for k in scales]]
+    values = [metrics.get("loss"), metrics.get("acc"), *[metrics.get(f"scale_acc/k{k}") for k in scales]]
+    console.print(table(f"Trained {summary['run_dir']} to step {summary['step']} ({summary['stopped_by']})",
+                        columns, [[_fmt(value) for value in values]]))
+    cache = summary.get("token_cache") or {}
+    if cache:
+        state = "built" if cache.get("built") else "reused"
+        console.print(f"token cache ({state}): {cache['rows']} rows, {cache['rows_flipped']} flipped: {cache['path']}",
+                      soft_wrap=True, highlight=False)
+    samples = summary.get("samples") or {}
+    if samples.get("png"):
+        console.print(f"samples: {samples['png']} ({len(samples['samples'])} samples)", soft_wrap=True, highlight=False)
+    console.print(f"checkpoint: {summary['checkpoint']}", soft_wrap=True, highlight=False)

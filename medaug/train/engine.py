@@ -150,7 +150,12 @@ class Task(Protocol):
 
     Optional methods, called when present: ``after_step(modules, step)`` after each step (e.g. dead
     code re-initialization; ``modules`` are the wrapped modules, use :func:`unwrap` for the raw ones),
-    and ``evaluate(modules, run_dir) -> dict`` (called by the task's run function on rank 0, not here).
+    ``train_sampler(rank, world_size, seed)`` returning the sampler of this rank (instead of the engine's
+    :class:`ResumableSampler`; it must yield this rank's share of an order that is a function of seed
+    and epoch, and have ``set_epoch(epoch)``, a settable ``start`` (indices of the epoch's share to skip,
+    for exact resume) and ``num_samples`` (indices per epoch), e.g.
+    :class:`medaug.data.samplers.BalancedSampler`), and ``evaluate(modules, run_dir) -> dict`` (called by
+    the task's run function on rank 0, not here).
     """
 
     name: str
@@ -407,7 +412,11 @@ class _Trainer:
         return self.config.batch_size // world_size
 
     def _build_loader(self, dataset: Dataset) -> tuple[ResumableSampler, DataLoader]:
-        sampler = ResumableSampler(dataset, self.info.world_size, self.info.rank, self.config.seed)
+        make_sampler = getattr(self.task, "train_sampler", None)
+        if callable(make_sampler):  # the task's own order (e.g. class-balanced draws); same contract as below
+            sampler = make_sampler(self.info.rank, self.info.world_size, self.config.seed)
+        else:
+            sampler = ResumableSampler(dataset, self.info.world_size, self.info.rank, self.config.seed)
         if sampler.num_samples < self.per_rank_batch:
             raise ConfigError("batch_size", f"is {self.config.batch_size} but the train dataset has {len(dataset)} "
                                             "samples; expected at most the dataset size")

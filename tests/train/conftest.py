@@ -68,3 +68,33 @@ def tiny_tokenizer_run(tiny_prepared, tmp_path_factory) -> dict[str, Any]:
 
     out = tmp_path_factory.mktemp("tiny-run") / "run"
     return train_tokenizer(tiny_prepared, REPO / "recipes/models/tiny.yaml", out, overrides=TINY_OVERRIDES)
+
+
+# ---------------------------------------------------------------- the MedVAR transformer on the tiny tokenizer
+
+MEDVAR_TINY = REPO / "recipes/models/medvar-tiny.yaml"
+VAR_RUN_STEPS = 30
+VAR_RUN_OVERRIDES = [f"train.max_steps={VAR_RUN_STEPS}", "train.log_every=5", "train.checkpoint_every=100",
+                     "samples.per_domain=2", "train.device=cpu"]
+
+
+@pytest.fixture(scope="package")
+def tiny_var_task(tiny_prepared, tiny_tokenizer_run, tmp_path_factory):
+    """``medvar-tiny`` as a :class:`~medaug.train.var_task.VarTask` on :func:`tiny_tokenizer_run`: the tokenizer
+    copied into a run folder and the train split tokenized into its token cache (no training)."""
+    import torch
+
+    from medaug.train.var_task import build_var_task, load_var_recipe
+
+    run = tmp_path_factory.mktemp("var-task") / "run"
+    recipe = load_var_recipe(MEDVAR_TINY, ["train.device=cpu"])
+    return build_var_task(tiny_prepared, tiny_tokenizer_run["run_dir"], recipe, run, torch.device("cpu"))
+
+
+@pytest.fixture(scope="package")
+def tiny_var_run(tiny_prepared, tiny_tokenizer_run, tmp_path_factory) -> dict[str, Any]:
+    """``medvar-tiny`` trained for ``VAR_RUN_STEPS`` steps by :func:`medaug.train.var_task.train_var` (its summary)."""
+    from medaug.train.var_task import train_var
+
+    out = tmp_path_factory.mktemp("var-run") / "run"
+    return train_var(tiny_prepared, tiny_tokenizer_run["run_dir"], MEDVAR_TINY, out, overrides=VAR_RUN_OVERRIDES)
