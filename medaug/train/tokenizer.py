@@ -33,22 +33,20 @@ downsampled on the fly (:class:`~medaug.data.structures.StructureSliceDataset`);
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import logging
-import types
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Union, get_args, get_origin, get_type_hints
+from typing import Any
 
 import torch
 import torch.distributed as dist
-import yaml
 from torch import nn
 
 from medaug.config.base import from_dict, read_yaml, to_dict
+from medaug.config.overrides import apply_overrides
 from medaug.data.dataset import PreparedSliceDataset
 from medaug.data.structures import (
     INDEX_FILE,
@@ -144,75 +142,27 @@ def load_tokenizer_recipe(recipe: str | Path | TokenizerRecipe | dict, overrides
     keys the data decides (``FILLED_FROM_DATA``), raise :class:`ConfigError` naming the key.
     """
     if isinstance(recipe, TokenizerRecipe):
-        data, where = to_dict(recipe), "recipe"
+        data, where = _without_data_keys(to_dict(recipe)), "recipe"
     elif isinstance(recipe, dict):
         data, where = copy.deepcopy(recipe), "recipe"
     else:
         path = resolve_model_recipe(recipe)
         data, where = read_yaml(path), str(path)
-    data = apply_overrides(data, overrides)
+    data = apply_overrides(data, overrides, TokenizerRecipe)
     _refuse_data_keys(data, where)
     return from_dict(TokenizerRecipe, data, where)
 
 
-def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """A copy of ``data`` with each ``dotted.key=value`` set (keys checked against :class:`TokenizerRecipe`)."""
-    data = copy.deepcopy(data)
-    for text in overrides:
-        key, value = parse_override(text)
-        parts = key.split(".")
-        check_recipe_key(parts, key)
-        node = data
-        for depth, part in enumerate(parts[:-1]):
-            if node.get(part) is None:
-                node[part] = {}
-            if not isinstance(node[part], dict):
-                raise ConfigError(f"--set {key}", f"{'.'.join(parts[:depth + 1])} is not a mapping in the recipe")
-            node = node[part]
-        node[parts[-1]] = value
+def _without_data_keys(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` without the keys the prepared dataset fills (a loaded recipe carries their defaults)."""
+    for section, keys in FILLED_FROM_DATA.items():
+        node: Any = data
+        for part in section.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        for key in keys:
+            if isinstance(node, dict):
+                node.pop(key, None)
     return data
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """``"a.b=value"`` → ("a.b", YAML value); a string that reads as a float (``1e-4``) becomes one."""
-    key, sep, raw = text.partition("=")
-    key = key.strip()
-    if not sep or not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"--set {text}", "expected key=value with a dotted key, e.g. train.max_steps=50")
-    try:
-        value = yaml.safe_load(raw)
-    except yaml.YAMLError:
-        raise ConfigError(f"--set {key}", f"value {raw!r} is not valid YAML") from None
-    if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            pass
-    return key, value
-
-
-def check_recipe_key(parts: Sequence[str], key: str) -> None:
-    """Raise ConfigError naming ``key`` unless the dotted path exists in :class:`TokenizerRecipe`."""
-    annotation: Any = TokenizerRecipe
-    for depth, part in enumerate(parts):
-        annotation = _strip_optional(annotation)
-        if dataclasses.is_dataclass(annotation):
-            names = [item.name for item in dataclasses.fields(annotation)]
-            if part not in names:
-                where = ".".join(parts[:depth + 1])
-                raise ConfigError(f"--set {key}", f"unknown key {where!r}; allowed keys here: {', '.join(names)}")
-            annotation = get_type_hints(annotation)[part]
-        elif get_origin(annotation) is dict:
-            annotation = get_args(annotation)[1]
-        else:
-            raise ConfigError(f"--set {key}", f"{'.'.join(parts[:depth])!r} is a value, not a mapping")
-
-
-def _strip_optional(annotation: Any) -> Any:
-    if get_origin(annotation) in (Union, types.UnionType):
-        options = [arg for arg in get_args(annotation) if arg is not type(None)]
-        return options[0] if len(options) == 1 else annotation
-    return annotation
 
 
 def _refuse_data_keys(data: dict[str, Any], where: str) -> None:

@@ -39,11 +39,10 @@ import hashlib
 import json
 import logging
 import shutil
-import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Union, get_args, get_origin, get_type_hints
+from typing import Any
 
 import numpy as np
 import torch
@@ -61,7 +60,8 @@ from medaug.train import distributed as dist_utils
 from medaug.train.condition_bank import ConditionBank, build_condition_bank
 from medaug.train.engine import TrainConfig
 from medaug.train.token_cache import CACHE_DIR, TokenCache, TokenCacheConfig, TokenDataset, prepare_token_cache, tokenizer_sha256
-from medaug.train.tokenizer import MODELS_RECIPES_DIR, TokenizerRecipe, load_tokenizer, load_tokenizer_recipe, parse_override
+from medaug.config.overrides import apply_overrides
+from medaug.train.tokenizer import MODELS_RECIPES_DIR, TokenizerRecipe, load_tokenizer, load_tokenizer_recipe
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +190,7 @@ def load_var_recipe(recipe: str | Path | VarRecipe | dict, overrides: Sequence[s
     else:
         path = resolve_recipe_path(recipe)
         data, where = read_yaml(path), str(path)
-    data = apply_recipe_overrides(data, overrides, VarRecipe)
+    data = apply_overrides(data, overrides, VarRecipe)
     return resolve_lr(from_dict(VarRecipe, data, where), data, where)
 
 
@@ -212,48 +212,6 @@ def resolve_lr(recipe: VarRecipe, data: dict[str, Any], where: str) -> VarRecipe
     optim["var"] = replace(optim.get("var", OptimConfig()), lr=lr)
     log.info("lr = base_lr %g x batch %d / %d = %g", recipe.base_lr, recipe.train.batch_size, LR_REFERENCE_BATCH, lr)
     return replace(recipe, base_lr=None, train=replace(recipe.train, optim=optim))
-
-
-def apply_recipe_overrides(data: dict[str, Any], overrides: Sequence[str], root: type) -> dict[str, Any]:
-    """A copy of ``data`` with each ``dotted.key=value`` set; keys are checked against dataclass ``root``."""
-    data = copy.deepcopy(data)
-    for text in overrides:
-        key, value = parse_override(text)
-        parts = key.split(".")
-        check_recipe_key(parts, key, root)
-        node = data
-        for depth, part in enumerate(parts[:-1]):
-            if node.get(part) is None:
-                node[part] = {}
-            if not isinstance(node[part], dict):
-                raise ConfigError(f"--set {key}", f"{'.'.join(parts[:depth + 1])} is not a mapping in the recipe")
-            node = node[part]
-        node[parts[-1]] = value
-    return data
-
-
-def check_recipe_key(parts: Sequence[str], key: str, root: type) -> None:
-    """Raise ConfigError naming ``key`` unless the dotted path exists in dataclass ``root``."""
-    annotation: Any = root
-    for depth, part in enumerate(parts):
-        annotation = _strip_optional(annotation)
-        if dataclasses.is_dataclass(annotation):
-            names = [item.name for item in dataclasses.fields(annotation)]
-            if part not in names:
-                where = ".".join(parts[:depth + 1])
-                raise ConfigError(f"--set {key}", f"unknown key {where!r}; allowed keys here: {', '.join(names)}")
-            annotation = get_type_hints(annotation)[part]
-        elif get_origin(annotation) is dict:
-            annotation = get_args(annotation)[1]
-        else:
-            raise ConfigError(f"--set {key}", f"{'.'.join(parts[:depth])!r} is a value, not a mapping")
-
-
-def _strip_optional(annotation: Any) -> Any:
-    if get_origin(annotation) in (Union, types.UnionType):
-        options = [arg for arg in get_args(annotation) if arg is not type(None)]
-        return options[0] if len(options) == 1 else annotation
-    return annotation
 
 
 # ---------------------------------------------------------------- loss
@@ -814,7 +772,6 @@ __all__ = [
     "VarModelConfig",
     "VarRecipe",
     "VarTask",
-    "apply_recipe_overrides",
     "build_var_task",
     "copy_tokenizer",
     "drop_flags",

@@ -69,3 +69,21 @@ def test_read_yaml_errors(tmp_path):
         read_yaml(listing)
     with pytest.raises(ConfigError, match="not found"):
         read_yaml(tmp_path / "missing.yaml")
+
+
+def test_overrides_set_nested_keys_and_name_unknown_ones():
+    from medaug.config.overrides import apply_overrides
+
+    data = apply_overrides({"name": "a", "inner": {"low": 1.0}}, ["inner.high=2", "sizes=[1, 2]", "pair=[1e-4, 2]"], Outer)
+    assert from_dict(Outer, data, "r") == Outer(name="a", sizes=[1, 2], pair=(1e-4, 2.0), inner=Inner(1.0, 2.0))
+    with pytest.raises(ConfigError, match="unknown key 'inner.mid'; allowed keys here: low, high"):
+        apply_overrides({"name": "a"}, ["inner.mid=3"], Outer)
+    with pytest.raises(ConfigError, match="expected key=value"):
+        apply_overrides({"name": "a"}, ["inner"], Outer)
+
+
+def test_a_loaded_tokenizer_recipe_loads_again():
+    from medaug.train.tokenizer import load_tokenizer_recipe
+
+    recipe = load_tokenizer_recipe("tiny")
+    assert load_tokenizer_recipe(recipe, ["train.max_steps=7"]).train.max_steps == 7
