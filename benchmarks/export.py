@@ -1,0 +1,310 @@
+"""Benchmark: exporting labelled 256² slices as PNG and NIfTI files (``medaug.synth.export.export_batch``).
+
+DESIGN §5 target: PNG and NIfTI >= 1,000 slices/s each on 2 cores (a slice = its channels + its label).
+
+    python benchmarks/export.py                                   # 2,000 samples per case, 3 rounds
+    python benchmarks/export.py --samples 500 --repeats 1         # quick look
+    python benchmarks/export.py --json-out benchmarks/results/export-cpu2.json
+
+Data. One CT abdomen phantom (1 channel, ``ct/abdomen``, W400/L40) and one MR prostate phantom (2 channels,
+``t2`` + ``adc``, percentile mappings) are written and prepared at the recipes' 256² (``medaug phantoms`` +
+``medaug prepare``, untimed); their slices, cycled, become ``--samples`` samples per domain with distinct
+ids, the canonical axial affine of the domain spacing (as synthetic samples get) and the rows' intensity
+mappings. Building the :class:`ExportSlice` objects is not timed (the engine builds them).
+
+Protocol. Each case calls ``export_batch`` on chunks of 256 samples (one engine batch) into an empty folder;
+a round's rate is samples / seconds for all chunks; the median of ``--repeats`` rounds is reported, after one
+untimed warm-up round (imports, header cache). Files go through the page cache (no fsync, as the exporters
+write them). Two storages: ``tmpfs`` (``/dev/shm``: the exporters' own cost on the 2 cores; the headline and
+``pass``) and ``disk`` (``--tmp``, default the system temp folder: what this machine's disk allows; the
+``png`` and ``nifti`` cases only). ``disk_write_mb_per_s`` times plain 256 kB file writes to each storage in
+the same run, so ``bytes_per_slice`` / that rate bounds what any exporter can reach there.
+Cases: ``png`` (16-bit channels, stored, label at zlib level 1) and ``nifti`` (``.nii``, int16 HU / float32
+a.u. + uint8 label) with 2 worker threads are the targets; ``png_16bit_zlib1``, ``png_8bit_window``,
+``nifti_gz`` and ``nifti_per_slice_affine`` (``--samples`` / 4 samples with a distinct affine each, as real
+slices have, the header cache emptied before each round) show the costs of the alternatives; ``*_1_worker``
+shows the thread scaling; ``reference_pillow_png`` (``medaug.io.png.write_png``) and
+``reference_write_nifti`` (``medaug.io.nifti.write_nifti``, nibabel) write the same files one by one
+without the exporters (``--reference-samples``).
+``bytes_per_slice`` is the mean size of a sample's files. Prints one JSON object with machine, commit and the
+load average before and after (the sandbox is shared).
+
+Measured on the 2-core sandbox (``results/export-cpu2.json``, 2,000 samples per case, 3 rounds), tmpfs:
+PNG 1,730 CT / 1,088 MR slices/s, NIfTI 2,103 / 1,219 (target met, MR's two channels the slower case);
+on the sandbox disk PNG 671 / 585 and NIfTI 744 / 788, bounded by its write rate (589 MB/s for plain
+256 kB files in the same run; an MR NIfTI slice is 591 kB). References: Pillow PNG 137 / 21 slices/s,
+nibabel ``write_nifti`` 521 / 320. One worker thread was within ±15 % of two.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+try:
+    import medaug  # noqa: F401
+except ImportError:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from medaug.synth.export import ExportSlice, NiftiOptions, PngOptions, canonical_affine, export_batch
+
+REPO = Path(__file__).resolve().parents[1]
+TARGET_SLICES_PER_S = 1000
+CHUNK = 256
+DOMAINS = {"ct_abdomen": "ct/abdomen", "mr_prostate": "mr/prostate"}
+
+
+def prepare_phantoms(workdir: Path) -> Path:
+    """One phantom per domain, prepared with the recipes' own domains (256²); returns the prepared folder."""
+    import yaml
+
+    from medaug.config.recipes import load_prepare_recipe
+    from medaug.phantoms import write_phantoms
+    from medaug.prepare.pipeline import run_prepare
+
+    sources, domains = [], {}
+    for name in DOMAINS:
+        write_phantoms(workdir / "phantoms", domains=[name], n=1, seed=7)
+        recipe_path = REPO / f"recipes/datasets/phantom_{name}.yaml"
+        sources.append({"path": str(workdir / "phantoms" / name), "dataset": str(recipe_path)})
+        domain = dict(yaml.safe_load(recipe_path.read_text())["domain"])
+        domains[domain.pop("name")] = domain
+    recipe = workdir / "prepare.yaml"
+    recipe.write_text(yaml.safe_dump({"sources": sources, "domains": domains}))
+    out = workdir / "prepared"
+    run_prepare(load_prepare_recipe(recipe), out)
+    return out
+
+
+def load_samples(prepared: Path, domain: str, count: int, per_slice_affine: bool = False) -> list[ExportSlice]:
+    """``count`` samples of ``domain`` cycling over its prepared slices (canonical affine unless asked)."""
+    from medaug.data.index import read_index
+    from medaug.data.shards import ShardStore
+
+    rows = [row for row in read_index(prepared / "index.parquet").to_pylist() if row["domain"] == domain]
+    store = ShardStore(prepared)
+    slices = [store.read(row["shard"], row["shard_row"]) for row in rows]
+    samples = []
+    for number in range(count):
+        row, (image_CHW, label_HW) = rows[number % len(rows)], slices[number % len(rows)]
+        spacing = float(row["spacing_mm"][0])
+        affine = canonical_affine(spacing, image_CHW.shape[1:], slice_thickness_mm=row["slice_thickness_mm"])
+        if per_slice_affine:
+            affine[2, 3] += number * row["slice_thickness_mm"]  # every sample its own position
+        samples.append(ExportSlice(
+            sample_id=f"bench{number:06d}", image_CHW=image_CHW.astype(np.float32), label_HW=label_HW,
+            channels=tuple(row["channels"]), affine=affine, intensity=tuple(json.loads(row["intensity"])),
+            structures=tuple(row["structures_present"]), domain=domain))
+    return samples
+
+
+def export_chunks(samples: Sequence[ExportSlice], out: Path, formats: tuple[str, ...], workers: int,
+                  png: PngOptions, nifti: NiftiOptions) -> None:
+    for start in range(0, len(samples), CHUNK):
+        export_batch(samples[start:start + CHUNK], out, formats, png=png, nifti=nifti, workers=workers)
+
+
+def reference_pillow_png(samples: Sequence[ExportSlice], out: Path) -> None:
+    """The same 16-bit channel + label files through Pillow (``medaug.io.png.write_png``), one by one."""
+    from medaug.io.png import write_png
+    from medaug.synth.export.png import model_to_uint16
+
+    for sample in samples:
+        for channel, name in enumerate(sample.channels):
+            write_png(model_to_uint16(sample.image_CHW[channel]), out / f"{sample.sample_id}_{name}.png")
+        write_png(sample.label_HW, out / f"{sample.sample_id}_label.png")
+
+
+def reference_write_nifti(samples: Sequence[ExportSlice], out: Path) -> None:
+    """The same channel + label ``.nii`` files through nibabel (``medaug.io.nifti.write_nifti``), one by one."""
+    from medaug.io.nifti import write_nifti
+    from medaug.io.volume import Volume
+    from medaug.synth.export.nifti import channel_values
+
+    for sample in samples:
+        for channel, name in enumerate(sample.channels):
+            volume = Volume(channel_values(sample, channel)[None, :, :, None], sample.affine)
+            write_nifti(volume, out / f"{sample.sample_id}_{name}.nii")
+        write_nifti(Volume(sample.label_HW[None, :, :, None], sample.affine), out / f"{sample.sample_id}_label.nii")
+
+
+def time_case(run: Callable[[Path], None], samples: int, tmp: Path, repeats: int) -> dict:
+    """Median samples/s over ``repeats`` rounds after a warm-up; each round writes into a fresh folder."""
+    rates, sizes = [], []
+    for round_number in range(repeats + 1):
+        out = Path(tempfile.mkdtemp(dir=tmp))
+        start = time.perf_counter()
+        run(out)
+        seconds = time.perf_counter() - start
+        sizes.append(sum(path.stat().st_size for path in out.rglob("*") if path.is_file()) / samples)
+        shutil.rmtree(out)
+        if round_number:
+            rates.append(samples / seconds)
+    return {"slices_per_s": round(statistics.median(rates)), "runs": [round(rate) for rate in rates],
+            "bytes_per_slice": round(sizes[-1])}
+
+
+def uncached(run: Callable[[Path], None]) -> Callable[[Path], None]:
+    """``run`` with the NIfTI header cache emptied first, so every distinct affine builds its header."""
+    from medaug.synth.export.nifti import _cached_header
+
+    def cold(out: Path) -> None:
+        _cached_header.cache_clear()
+        run(out)
+
+    return cold
+
+
+def cases(samples: list[ExportSlice], per_slice: list[ExportSlice], reference_count: int) -> dict[str, Callable]:
+    default_png, default_nifti = PngOptions(), NiftiOptions()
+
+    def batch(chosen, formats, workers=2, png=default_png, nifti=default_nifti):
+        return lambda out: export_chunks(chosen, out, formats, workers, png, nifti)
+
+    subset = samples[:reference_count]
+    return {
+        "png": (batch(samples, ("png",)), len(samples)),
+        "png_1_worker": (batch(samples, ("png",), workers=1), len(samples)),
+        "png_16bit_zlib1": (batch(samples, ("png",), png=PngOptions(compress_level=1)), len(samples)),
+        "png_8bit_window": (batch(samples, ("png",), png=PngOptions(bits=8)), len(samples)),
+        "nifti": (batch(samples, ("nifti",)), len(samples)),
+        "nifti_1_worker": (batch(samples, ("nifti",), workers=1), len(samples)),
+        "nifti_gz": (batch(samples, ("nifti",), nifti=NiftiOptions(compress=True)), len(samples)),
+        "nifti_per_slice_affine": (uncached(batch(per_slice, ("nifti",))), len(per_slice)),
+        "reference_pillow_png": (lambda out: reference_pillow_png(subset, out), len(subset)),
+        "reference_write_nifti": (lambda out: reference_write_nifti(subset, out), len(subset)),
+    }
+
+
+def write_throughput_mb_per_s(folder: Path, files: int = 1000, size: int = 256 * 1024) -> float:
+    """Plain ``open``/``write`` of ``files`` files of ``size`` bytes: the storage's own rate, MB/s."""
+    payload = os.urandom(size)
+    target = Path(tempfile.mkdtemp(dir=folder))
+    start = time.perf_counter()
+    for number in range(files):
+        with open(target / f"f{number}", "wb") as handle:
+            handle.write(payload)
+    seconds = time.perf_counter() - start
+    shutil.rmtree(target)
+    return round(files * size / seconds / 1e6)
+
+
+def storages(workdir: Path) -> dict[str, Path]:
+    """``tmpfs`` (/dev/shm, when there) and ``disk`` (the work folder)."""
+    found = {"disk": workdir}
+    if Path("/dev/shm").is_dir() and os.access("/dev/shm", os.W_OK):
+        found["tmpfs"] = Path(tempfile.mkdtemp(dir="/dev/shm", prefix="medaug-export-bench-"))
+    return found
+
+
+def measure(prepared: Path, storage: Path, names: Sequence[str] | None, args: argparse.Namespace) -> dict:
+    """Every case (or those in ``names``) for both domains, written under ``storage``."""
+    results = {}
+    for domain in DOMAINS.values():
+        samples = load_samples(prepared, domain, args.samples)
+        per_slice = load_samples(prepared, domain, max(1, args.samples // 4), per_slice_affine=True)
+        table = {name: case for name, case in cases(samples, per_slice, args.reference_samples).items()
+                 if names is None or name in names}
+        results[domain] = {"channels": len(samples[0].channels),
+                           **{name: time_case(fn, count, storage, args.repeats) for name, (fn, count) in table.items()}}
+    return results
+
+
+def headline(results: dict) -> dict[str, int]:
+    return {fmt: min(results[domain][fmt]["slices_per_s"] for domain in results) for fmt in ("png", "nifti")}
+
+
+def run(args: argparse.Namespace, workdir: Path) -> dict:
+    prepared = Path(args.data) if args.data else prepare_phantoms(workdir)
+    load_before = os.getloadavg()[0]
+    places = storages(workdir)
+    by_storage = {name: {"path": str(path), "disk_write_mb_per_s": write_throughput_mb_per_s(path),
+                         "by_domain": measure(prepared, path, None if name == "tmpfs" else ("png", "nifti"), args)}
+                  for name, path in sorted(places.items(), reverse=True)}
+    if "tmpfs" in places:
+        shutil.rmtree(places["tmpfs"], ignore_errors=True)
+    main = by_storage.get("tmpfs", by_storage["disk"])
+    rates = headline(main["by_domain"])
+    return {
+        "benchmark": "export",
+        "what": "labelled 256² slices/s written by export_batch (channels + label per slice), 2 worker threads; "
+                "headline = the slower of CT (1 channel) and MR (2 channels), written to tmpfs",
+        "target_slices_per_s": TARGET_SLICES_PER_S,
+        "slices_per_s": rates,
+        "pass": all(rate >= TARGET_SLICES_PER_S for rate in rates.values()),
+        "slices_per_s_disk": headline(by_storage["disk"]["by_domain"]),
+        "samples_per_case": args.samples,
+        "repeats": args.repeats,
+        "by_storage": by_storage,
+        "loadavg_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+        "machine": machine(),
+        **commit(),
+    }
+
+
+def machine() -> dict:
+    import nibabel
+
+    lscpu = {}
+    try:
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines():
+            key, _, value = line.partition(":")
+            lscpu[key.strip()] = value.strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return {
+        "label": "2-core CPU sandbox (x86_64)" if os.cpu_count() == 2 else platform.node(),
+        "cpu": lscpu.get("Model name", platform.processor()),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "nibabel": nibabel.__version__,
+        "zlib": __import__("zlib").ZLIB_RUNTIME_VERSION,
+    }
+
+
+def commit() -> dict:
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True)
+        status = subprocess.run(["git", "status", "--porcelain", "medaug/synth", "benchmarks/export.py"], cwd=REPO,
+                                capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": None}
+    return {"commit": head.stdout.strip(), "medaug_or_benchmark_uncommitted": bool(status.stdout.strip())}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=2000, help="samples per domain and case")
+    parser.add_argument("--reference-samples", type=int, default=100, help="samples for the one-by-one references")
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds per case (after one warm-up)")
+    parser.add_argument("--data", default=None, help="an existing prepared dataset with ct/abdomen and mr/prostate")
+    parser.add_argument("--tmp", default=None, help="folder for the phantoms and the written files")
+    parser.add_argument("--json-out", default=None, help="also write the JSON here")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    with tempfile.TemporaryDirectory(dir=args.tmp, prefix="medaug-export-bench-") as workdir:
+        result = run(args, Path(workdir))
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json_out:
+        Path(args.json_out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
