@@ -116,6 +116,15 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
+def write_json(path: Path, payload: Any) -> None:
+    """Write ``payload`` as JSON (:func:`to_json_text`) to ``path`` atomically (temporary name, rename)."""
+    from medaug.io.atomic import atomic_output
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output(path) as temporary:
+        temporary.write_text(to_json_text(payload, str(path)))
+
+
 def to_json_text(data: Any, where: str) -> str:
     """JSON text of ``data`` (Paths, NumPy values and config dataclasses converted); CheckpointError if impossible."""
     try:

@@ -69,6 +69,7 @@ from medaug.models.losses import (
 from medaug.models.vqvae import IGNORE_LABEL, VQVAE, VQVAEConfig, label_to_onehot
 from medaug.train.checkpoint import sha256_file
 from medaug.train.engine import TrainConfig, unwrap
+from medaug.train.checkpoint import write_json
 from medaug.train.tokenizer_eval import EvalConfig, evaluate_tokenizer, structure_quality
 
 log = logging.getLogger(__name__)
@@ -497,14 +498,14 @@ def train_tokenizer(
     out = Path(out)
     task = TokenizerTask(data, recipe)
     if resume or latest_checkpoint(out) is None:  # else the engine refuses the folder; keep its recipe
-        on_rank0(_write_json, out / RECIPE_FILE, to_dict(recipe))
+        on_rank0(write_json, out / RECIPE_FILE, to_dict(recipe))
     result = train(task, recipe.train, out, resume=resume, progress=progress)
     summary: dict[str, Any] = {"run_dir": str(out), "step": result.step, "stopped_by": result.stopped_by,
                                "checkpoint": str(result.checkpoint_path) if result.checkpoint_path else None,
                                "train_metrics": result.metrics, "evaluation": None}
     if is_rank0() and result.checkpoint_path is not None:
         summary["evaluation"] = evaluate_checkpoint(task, result.checkpoint_path, out)
-        _write_json(out / METRICS_FILE, {"step": result.step, "train": result.metrics, "evaluation": summary["evaluation"]})
+        write_json(out / METRICS_FILE, {"step": result.step, "train": result.metrics, "evaluation": summary["evaluation"]})
     return summary
 
 
@@ -546,15 +547,6 @@ def load_tokenizer(checkpoint_path: str | Path, device: str | torch.device = "cp
     vqvae = VQVAE(config)
     load_module_weights(vqvae, checkpoint, "model")
     return vqvae.to(device).eval(), checkpoint.meta
-
-
-def _write_json(path: Path, payload: Any) -> None:
-    from medaug.io.atomic import atomic_output
-    from medaug.train.checkpoint import to_json_text
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_output(path) as temporary:
-        temporary.write_text(to_json_text(payload, str(path)))
 
 
 __all__ = [

@@ -61,6 +61,7 @@ from medaug.train.condition_bank import ConditionBank, build_condition_bank
 from medaug.train.engine import TrainConfig
 from medaug.train.token_cache import CACHE_DIR, TokenCache, TokenCacheConfig, TokenDataset, prepare_token_cache, tokenizer_sha256
 from medaug.config.overrides import apply_overrides
+from medaug.train.checkpoint import write_json
 from medaug.train.tokenizer import MODELS_RECIPES_DIR, TokenizerRecipe, load_tokenizer, load_tokenizer_recipe
 
 log = logging.getLogger(__name__)
@@ -547,7 +548,7 @@ def write_samples(var: VAR, vqvae: VQVAE, meta: dict[str, Any], config: SampleGr
     if tiles:
         table = StructureTable.from_records(meta["structure_table"])
         summary["png"] = str(write_sample_grid(tiles, table, run_dir / SAMPLES_PNG))
-    _write_json(run_dir / SAMPLES_JSON, summary)
+    write_json(run_dir / SAMPLES_JSON, summary)
     return summary
 
 
@@ -637,7 +638,7 @@ def train_var(
     info = dist_utils.setup(recipe.train.device)
     try:
         task = build_var_task(data, tokenizer, recipe, out, info.device)
-        dist_utils.on_rank0(_write_json, out / RECIPE_FILE, to_dict(recipe))
+        dist_utils.on_rank0(write_json, out / RECIPE_FILE, to_dict(recipe))
         result = train(task, recipe.train, out, resume=resume, progress=progress)
         summary: dict[str, Any] = {"run_dir": str(out), "step": result.step, "stopped_by": result.stopped_by,
                                    "checkpoint": str(result.checkpoint_path) if result.checkpoint_path else None,
@@ -645,7 +646,7 @@ def train_var(
                                    "samples": None}
         if dist_utils.is_rank0() and result.checkpoint_path is not None:
             summary["samples"] = sample_checkpoint(result.checkpoint_path, recipe.samples, out, info.device)
-            _write_json(out / METRICS_FILE, {"step": result.step, "train": result.metrics})
+            write_json(out / METRICS_FILE, {"step": result.step, "train": result.metrics})
         return summary
     finally:
         dist_utils.teardown(info)
@@ -752,15 +753,6 @@ def _stage_progress(progress: Callable[..., None] | None, stage: str) -> Callabl
     if progress is None:
         return None
     return lambda step, total, metrics: progress(stage, step, total, metrics)
-
-
-def _write_json(path: Path, payload: Any) -> None:
-    from medaug.io.atomic import atomic_output
-    from medaug.train.checkpoint import to_json_text
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_output(path) as temporary:
-        temporary.write_text(to_json_text(payload, str(path)))
 
 
 __all__ = [
