@@ -41,16 +41,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import common
 import numpy as np
 
 try:
@@ -257,32 +256,11 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
 def machine() -> dict:
     import nibabel
 
-    lscpu = {}
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines():
-            key, _, value = line.partition(":")
-            lscpu[key.strip()] = value.strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return {
-        "label": "2-core CPU sandbox (x86_64)" if os.cpu_count() == 2 else platform.node(),
-        "cpu": lscpu.get("Model name", platform.processor()),
-        "cpus": os.cpu_count(),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "nibabel": nibabel.__version__,
-        "zlib": __import__("zlib").ZLIB_RUNTIME_VERSION,
-    }
+    return common.machine(numpy=np.__version__, nibabel=nibabel.__version__, zlib=__import__("zlib").ZLIB_RUNTIME_VERSION)
 
 
 def commit() -> dict:
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True)
-        status = subprocess.run(["git", "status", "--porcelain", "medaug/synth", "benchmarks/export.py"], cwd=REPO,
-                                capture_output=True, text=True, check=True)
-    except (OSError, subprocess.CalledProcessError):
-        return {"commit": None}
-    return {"commit": head.stdout.strip(), "medaug_or_benchmark_uncommitted": bool(status.stdout.strip())}
+    return common.commit("medaug/synth", "benchmarks/export.py", dirty_key="medaug_or_benchmark_uncommitted")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -78,7 +78,6 @@ import json
 import logging
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -88,6 +87,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+import common
 import numpy as np
 import torch
 
@@ -443,20 +443,7 @@ def time_rounds(sides: dict[str, Callable[[int], None]], count: int, repeats: in
 
 
 def machine() -> dict:
-    lscpu = {}
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines():
-            key, _, value = line.partition(":")
-            lscpu[key.strip()] = value.strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return {
-        "label": "2-core CPU sandbox (x86_64)" if os.cpu_count() == 2 else platform.node(),
-        "cpu": lscpu.get("Model name", platform.processor()),
-        "cpus": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-    }
+    return common.machine(platform=platform.platform())
 
 
 def versions() -> dict:
@@ -468,13 +455,7 @@ def versions() -> dict:
 
 
 def commit() -> dict:
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True)
-        status = subprocess.run(["git", "status", "--porcelain", "medaug", "benchmarks/prepare.py"], cwd=REPO,
-                                capture_output=True, text=True, check=True)
-    except (OSError, subprocess.CalledProcessError):
-        return {"commit": None}
-    return {"commit": head.stdout.strip(), "medaug_or_benchmark_uncommitted": bool(status.stdout.strip())}
+    return common.commit("medaug", "benchmarks/prepare.py", dirty_key="medaug_or_benchmark_uncommitted")
 
 
 def rates(seconds: dict[str, np.ndarray], slices: int) -> dict:

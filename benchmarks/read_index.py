@@ -27,12 +27,12 @@ import mmap
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import common
 import numpy as np
 import torch
 
@@ -195,34 +195,18 @@ def summarize(runs: list[dict[str, float]]) -> dict:
 
 
 def machine() -> dict:
-    lscpu = {}
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines():
-            key, _, value = line.partition(":")
-            lscpu[key.strip()] = value.strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return {
-        "label": "2-core CPU sandbox (x86_64)" if os.cpu_count() == 2 else platform.node(),
-        "cpu": lscpu.get("Model name", platform.processor()),
-        "cpus": os.cpu_count(),
-        "hypervisor": lscpu.get("Hypervisor vendor"),
-        "arch": platform.machine(),
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-    }
+    fields = common.lscpu()
+    return common.machine(
+        hypervisor=fields.get("Hypervisor vendor"),
+        arch=platform.machine(),
+        kernel=platform.release(),
+        torch=torch.__version__,
+        numpy=np.__version__,
+    )
 
 
 def commit() -> dict:
-    repo = Path(__file__).resolve().parents[1]
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True)
-        status = subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True, check=True)
-    except (OSError, subprocess.CalledProcessError):
-        return {"commit": None}
-    return {"commit": head.stdout.strip(), "working_tree_dirty": bool(status.stdout.strip())}
+    return common.commit()
 
 
 def run(args: argparse.Namespace, root: Path) -> dict:

@@ -22,12 +22,12 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import common
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -165,10 +165,7 @@ def main() -> None:
 
 
 def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    return common.commit()["commit"] or "unknown"
 
 
 if __name__ == "__main__":
