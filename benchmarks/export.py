@@ -1,6 +1,7 @@
-"""Benchmark: exporting labelled 256² slices as PNG and NIfTI files (``medaug.synth.export.export_batch``).
+"""Benchmark: exporting labelled 256² slices as PNG, NIfTI and DICOM files (``medaug.synth.export.export_batch``).
 
-DESIGN §5 target: PNG and NIfTI >= 1,000 slices/s each on 2 cores (a slice = its channels + its label).
+DESIGN §5 targets on 2 cores: PNG and NIfTI >= 1,000 slices/s each (a slice = its channels + its label);
+DICOM images >= 300 slices/s (a slice = one instance per channel); DICOM SEG measured.
 
     python benchmarks/export.py                                   # 2,000 samples per case, 3 rounds
     python benchmarks/export.py --samples 500 --repeats 1         # quick look
@@ -9,8 +10,9 @@ DESIGN §5 target: PNG and NIfTI >= 1,000 slices/s each on 2 cores (a slice = it
 Data. One CT abdomen phantom (1 channel, ``ct/abdomen``, W400/L40) and one MR prostate phantom (2 channels,
 ``t2`` + ``adc``, percentile mappings) are written and prepared at the recipes' 256² (``medaug phantoms`` +
 ``medaug prepare``, untimed); their slices, cycled, become ``--samples`` samples per domain with distinct
-ids, the canonical axial affine of the domain spacing (as synthetic samples get) and the rows' intensity
-mappings. Building the :class:`ExportSlice` objects is not timed (the engine builds them).
+ids, the canonical axial affine of the domain spacing (as synthetic samples get), the rows' intensity
+mappings, and a series key per chunk of 256 with instance numbers 1..256 (as the engine sets them: one DICOM
+series per batch). Building the :class:`ExportSlice` objects is not timed (the engine builds them).
 
 Protocol. Each case calls ``export_batch`` on chunks of 256 samples (one engine batch) into an empty folder;
 a round's rate is samples / seconds for all chunks; the median of ``--repeats`` rounds is reported, after one
@@ -26,6 +28,12 @@ slices have, the header cache emptied before each round) show the costs of the a
 shows the thread scaling; ``reference_pillow_png`` (``medaug.io.png.write_png``) and
 ``reference_write_nifti`` (``medaug.io.nifti.write_nifti``, nibabel) write the same files one by one
 without the exporters (``--reference-samples``).
+DICOM cases: ``dicom`` (CT/MR Image Storage, images only, ``seg=False``) is the target; ``dicom_1_worker``,
+``dicom_sc`` (Secondary Capture) and ``dicom_with_seg`` (images + one SEG per sample with a structure,
+``--seg-samples``) for comparison; ``seg`` writes the SEGs alone (highdicom, 2 threads; the source image's
+header is built in memory, about 0.1 ms) over the ``--seg-samples`` samples that hold a structure, so its
+rate is SEGs/s; ``reference_write_dicom_series`` writes each sample's channels with
+``medaug.io.dicom.write.write_dicom_series`` (a pydicom Dataset per file, ``dcmwrite``).
 ``bytes_per_slice`` is the mean size of a sample's files. Prints one JSON object with machine, commit and the
 load average before and after (the sandbox is shared).
 
@@ -34,6 +42,12 @@ PNG 1,730 CT / 1,088 MR slices/s, NIfTI 2,103 / 1,219 (target met, MR's two chan
 on the sandbox disk PNG 671 / 585 and NIfTI 744 / 788, bounded by its write rate (589 MB/s for plain
 256 kB files in the same run; an MR NIfTI slice is 591 kB). References: Pillow PNG 137 / 21 slices/s,
 nibabel ``write_nifti`` 521 / 320. One worker thread was within ±15 % of two.
+DICOM, measured 2026-11-28 while other jobs loaded the 2-core sandbox (load average 7-9; PNG and NIfTI ran at
+488 / 406 and 576 / 511 in that same run, about a third of the quiet-machine figures above): images 987 CT /
+573 MR slices/s to tmpfs (one worker: 2,064 / 518), Secondary Capture 1,492 / 551, to disk 221 / 138; the
+one-Dataset-per-file reference ``write_dicom_series`` 108 / 69; SEG alone 28 / 23 SEGs/s and images + SEG
+20 / 23 slices/s: highdicom's ``Segmentation`` costs about 15 ms of CPU per single-frame SEG and pydicom's
+``dcmwrite`` of it about 4 ms, against 0.1 ms for an image instance from its series template.
 """
 
 from __future__ import annotations
@@ -57,10 +71,14 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from medaug.synth.export import ExportSlice, NiftiOptions, PngOptions, canonical_affine, export_batch
+from medaug.synth.export import DicomOptions, ExportSlice, NiftiOptions, PngOptions, canonical_affine, export_batch
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET_SLICES_PER_S = 1000
+TARGET_DICOM_SLICES_PER_S = 300
+DICOM = DicomOptions(model_name="benchmark", model_sha256="0" * 64, run_uid="benchmark-export", seg=False)
+DICOM_SEG = DicomOptions(model_name="benchmark", model_sha256="0" * 64, run_uid="benchmark-export")
+DICOM_SC = DicomOptions(model_name="benchmark", model_sha256="0" * 64, run_uid="benchmark-export", sop="sc", seg=False)
 CHUNK = 256
 DOMAINS = {"ct_abdomen": "ct/abdomen", "mr_prostate": "mr/prostate"}
 
@@ -105,14 +123,46 @@ def load_samples(prepared: Path, domain: str, count: int, per_slice_affine: bool
         samples.append(ExportSlice(
             sample_id=f"bench{number:06d}", image_CHW=image_CHW.astype(np.float32), label_HW=label_HW,
             channels=tuple(row["channels"]), affine=affine, intensity=tuple(json.loads(row["intensity"])),
-            structures=tuple(row["structures_present"]), domain=domain))
+            structures=tuple(row["structures_present"]), domain=domain,
+            series_key=f"batch{number // CHUNK:04d}", instance_number=number % CHUNK + 1))
     return samples
 
 
 def export_chunks(samples: Sequence[ExportSlice], out: Path, formats: tuple[str, ...], workers: int,
-                  png: PngOptions, nifti: NiftiOptions) -> None:
+                  png: PngOptions, nifti: NiftiOptions, dicom: DicomOptions = DICOM) -> None:
     for start in range(0, len(samples), CHUNK):
-        export_batch(samples[start:start + CHUNK], out, formats, png=png, nifti=nifti, workers=workers)
+        export_batch(samples[start:start + CHUNK], out, formats, png=png, nifti=nifti, dicom=dicom, workers=workers)
+
+
+def write_segs(samples: Sequence[ExportSlice], out: Path, workers: int = 2) -> None:
+    """Only the DICOM SEG of each sample (all hold a structure), on ``workers`` threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from medaug.synth.export.base import write_bytes_atomic
+    from medaug.synth.export.dicom import dicom_paths, image_file, seg_file
+
+    def one(sample: ExportSlice) -> None:
+        header, _ = image_file(sample, 0, DICOM_SEG)
+        write_bytes_atomic(dicom_paths(sample, out, DICOM_SEG)[-1], seg_file(sample, header, DICOM_SEG))
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        list(pool.map(one, samples))
+
+
+def reference_write_dicom_series(samples: Sequence[ExportSlice], out: Path) -> None:
+    """Each sample's channels through ``medaug.io.dicom.write.write_dicom_series`` (a Dataset per file), one by one."""
+    from medaug.io.dicom.write import write_dicom_series
+    from medaug.io.volume import Volume
+    from medaug.synth.export.nifti import channel_values
+
+    for sample in samples:
+        for channel, name in enumerate(sample.channels):
+            values_JI = channel_values(sample, channel).T  # the writer's slice k is array[0, :, :, k].T
+            volume = Volume(values_JI[None, :, :, None], sample.affine[:, [1, 0, 2, 3]])
+            modality = "CT" if sample.intensity[channel].units == "HU" else "MR"
+            write_dicom_series(volume, out / f"{sample.sample_id}_{name}", modality=modality,
+                               series_description=f"SYNTHETIC {name}", patient_name="SYNTHETIC^MEDAUG",
+                               extra={"PatientIdentityRemoved": "YES", "BurnedInAnnotation": "NO"})
 
 
 def reference_pillow_png(samples: Sequence[ExportSlice], out: Path) -> None:
@@ -166,13 +216,18 @@ def uncached(run: Callable[[Path], None]) -> Callable[[Path], None]:
     return cold
 
 
-def cases(samples: list[ExportSlice], per_slice: list[ExportSlice], reference_count: int) -> dict[str, Callable]:
+def cases(samples: list[ExportSlice], per_slice: list[ExportSlice], reference_count: int,
+          seg_count: int) -> dict[str, Callable]:
+    from medaug.synth.export.dicom import structure_ids
+
     default_png, default_nifti = PngOptions(), NiftiOptions()
 
-    def batch(chosen, formats, workers=2, png=default_png, nifti=default_nifti):
-        return lambda out: export_chunks(chosen, out, formats, workers, png, nifti)
+    def batch(chosen, formats, workers=2, png=default_png, nifti=default_nifti, dicom=DICOM):
+        return lambda out: export_chunks(chosen, out, formats, workers, png, nifti, dicom)
 
     subset = samples[:reference_count]
+    labelled = [sample for sample in samples if structure_ids(sample.label_HW).size]
+    seg_subset, dicom_subset = labelled[:seg_count], samples[:seg_count]
     return {
         "png": (batch(samples, ("png",)), len(samples)),
         "png_1_worker": (batch(samples, ("png",), workers=1), len(samples)),
@@ -184,6 +239,12 @@ def cases(samples: list[ExportSlice], per_slice: list[ExportSlice], reference_co
         "nifti_per_slice_affine": (uncached(batch(per_slice, ("nifti",))), len(per_slice)),
         "reference_pillow_png": (lambda out: reference_pillow_png(subset, out), len(subset)),
         "reference_write_nifti": (lambda out: reference_write_nifti(subset, out), len(subset)),
+        "dicom": (batch(samples, ("dicom",)), len(samples)),
+        "dicom_1_worker": (batch(samples, ("dicom",), workers=1), len(samples)),
+        "dicom_sc": (batch(samples, ("dicom",), dicom=DICOM_SC), len(samples)),
+        "dicom_with_seg": (batch(dicom_subset, ("dicom",), dicom=DICOM_SEG), len(dicom_subset)),
+        "seg": (lambda out: write_segs(seg_subset, out), len(seg_subset)),
+        "reference_write_dicom_series": (lambda out: reference_write_dicom_series(subset, out), len(subset)),
     }
 
 
@@ -214,15 +275,18 @@ def measure(prepared: Path, storage: Path, names: Sequence[str] | None, args: ar
     for domain in DOMAINS.values():
         samples = load_samples(prepared, domain, args.samples)
         per_slice = load_samples(prepared, domain, max(1, args.samples // 4), per_slice_affine=True)
-        table = {name: case for name, case in cases(samples, per_slice, args.reference_samples).items()
+        table = {name: case for name, case in cases(samples, per_slice, args.reference_samples,
+                                                    args.seg_samples).items()
                  if names is None or name in names}
         results[domain] = {"channels": len(samples[0].channels),
                            **{name: time_case(fn, count, storage, args.repeats) for name, (fn, count) in table.items()}}
     return results
 
 
-def headline(results: dict) -> dict[str, int]:
-    return {fmt: min(results[domain][fmt]["slices_per_s"] for domain in results) for fmt in ("png", "nifti")}
+def headline(results: dict, formats: Sequence[str] = ("png", "nifti", "dicom", "seg")) -> dict[str, int]:
+    """The slower domain's rate per format (of those measured)."""
+    return {fmt: min(results[domain][fmt]["slices_per_s"] for domain in results)
+            for fmt in formats if all(fmt in results[domain] for domain in results)}
 
 
 def run(args: argparse.Namespace, workdir: Path) -> dict:
@@ -230,7 +294,8 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
     load_before = os.getloadavg()[0]
     places = storages(workdir)
     by_storage = {name: {"path": str(path), "disk_write_mb_per_s": write_throughput_mb_per_s(path),
-                         "by_domain": measure(prepared, path, None if name == "tmpfs" else ("png", "nifti"), args)}
+                         "by_domain": measure(prepared, path, None if name == "tmpfs" else ("png", "nifti", "dicom"),
+                                              args)}
                   for name, path in sorted(places.items(), reverse=True)}
     if "tmpfs" in places:
         shutil.rmtree(places["tmpfs"], ignore_errors=True)
@@ -238,13 +303,17 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
     rates = headline(main["by_domain"])
     return {
         "benchmark": "export",
-        "what": "labelled 256² slices/s written by export_batch (channels + label per slice), 2 worker threads; "
-                "headline = the slower of CT (1 channel) and MR (2 channels), written to tmpfs",
+        "what": "labelled 256² slices/s written by export_batch (channels + label per slice; DICOM: one image "
+                "instance per channel, SEG: one SEG per slice, alone), 2 worker threads; headline = the slower of "
+                "CT (1 channel) and MR (2 channels), written to tmpfs",
         "target_slices_per_s": TARGET_SLICES_PER_S,
+        "target_dicom_slices_per_s": TARGET_DICOM_SLICES_PER_S,
         "slices_per_s": rates,
-        "pass": all(rate >= TARGET_SLICES_PER_S for rate in rates.values()),
+        "pass": all(rates[fmt] >= TARGET_SLICES_PER_S for fmt in ("png", "nifti"))
+                and rates["dicom"] >= TARGET_DICOM_SLICES_PER_S,
         "slices_per_s_disk": headline(by_storage["disk"]["by_domain"]),
         "samples_per_case": args.samples,
+        "seg_samples_per_case": args.seg_samples,
         "repeats": args.repeats,
         "by_storage": by_storage,
         "loadavg_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
@@ -254,9 +323,12 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
 
 
 def machine() -> dict:
+    import highdicom
     import nibabel
+    import pydicom
 
-    return common.machine(numpy=np.__version__, nibabel=nibabel.__version__, zlib=__import__("zlib").ZLIB_RUNTIME_VERSION)
+    return common.machine(numpy=np.__version__, nibabel=nibabel.__version__, zlib=__import__("zlib").ZLIB_RUNTIME_VERSION,
+                          pydicom=pydicom.__version__, highdicom=highdicom.__version__)
 
 
 def commit() -> dict:
@@ -267,6 +339,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=2000, help="samples per domain and case")
     parser.add_argument("--reference-samples", type=int, default=100, help="samples for the one-by-one references")
+    parser.add_argument("--seg-samples", type=int, default=256, help="samples for the DICOM SEG cases (one batch)")
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds per case (after one warm-up)")
     parser.add_argument("--data", default=None, help="an existing prepared dataset with ct/abdomen and mr/prostate")
     parser.add_argument("--tmp", default=None, help="folder for the phantoms and the written files")

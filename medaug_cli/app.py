@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import typer
 
-from medaug_cli import phantoms, prepare, train
+from medaug_cli import evaluate, phantoms, prepare, synthesize, train
 
 app = typer.Typer(
     name="medaug",
@@ -20,6 +20,8 @@ app.command("prepare")(prepare.prepare)
 app.command("merge")(prepare.merge)
 app.command("inspect")(prepare.inspect)
 app.add_typer(train.app, name="train")
+app.command("synthesize")(synthesize.synthesize)
+app.add_typer(evaluate.app, name="evaluate")
 
 
 def _print_version(value: bool) -> None:

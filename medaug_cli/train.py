@@ -1,4 +1,4 @@
-"""``medaug train``: train medaug's models (``tokenizer``, ``var``, ``all``; ``features`` later)."""
+"""``medaug train``: train medaug's models (``tokenizer``, ``var``, ``all``, ``features``)."""
 
 from __future__ import annotations
 
@@ -218,4 +218,60 @@ def render_var_summary(summary: dict[str, Any], json_output: bool) -> None:
     samples = summary.get("samples") or {}
     if samples.get("png"):
         console.print(f"samples: {samples['png']} ({len(samples['samples'])} samples)", soft_wrap=True, highlight=False)
+    console.print(f"checkpoint: {summary['checkpoint']}", soft_wrap=True, highlight=False)
+
+
+# ---------------------------------------------------------------- the feature encoder (evaluation backbone)
+
+
+@app.command("features")
+def features(
+    data: Path = typer.Option(..., "--data", "-d", help="A prepared dataset folder (medaug prepare --out)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run folder: checkpoints, log.jsonl, metrics.json (held-out AUROC)."),
+    recipe: Path = typer.Option(Path("features"), "--recipe", "-r", help="A features recipe: recipes/models/FILE.yaml or its name (features, features-tiny)."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", min=0, help="Stop after this many steps (overrides train.max_steps)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the run folder's latest checkpoint."),
+    overrides: Optional[list[str]] = typer.Option(None, "--set", help="Override a recipe key, e.g. --set train.batch_size=16 (repeatable)."),
+    json_output: bool = typer.Option(False, "--json", help="Print the summary as JSON (no progress bar)."),
+) -> None:
+    """Train medaug's own feature encoder (domain + structures present), the offline backbone of medaug evaluate.
+
+    Example: medaug train features --data prepared/demo --out runs/features --recipe features-tiny
+
+    The run folder is what --backbone medaug=RUN takes. Held-out structure-present AUROC and domain
+    accuracy are measured at the end (val split, else test) and stored in metrics.json and the checkpoint.
+    """
+    from medaug.errors import MedaugError
+    from medaug.train.features_task import train_features
+
+    quiet = json_output or not _is_rank0()
+    try:
+        summary = _run_with_progress(train_features, "features", quiet, data, recipe, out, max_steps=max_steps,
+                                     resume=resume, overrides=overrides or [])
+    except MedaugError as error:
+        print_error(str(error))
+        raise typer.Exit(2) from None
+    if _is_rank0():
+        render_features_summary(summary, json_output)
+
+
+def render_features_summary(summary: dict[str, Any], json_output: bool) -> None:
+    """Final losses, held-out structure AUROC (macro and per structure), domain accuracy, the checkpoint."""
+    if json_output:
+        print_json(summary)
+        return
+    metrics = summary.get("train_metrics") or {}
+    shown = [key for key in ("loss", "domain_ce", "structure_bce", "region_bce", "domain_acc") if key in metrics]
+    console.print(table(f"Trained {summary['run_dir']} to step {summary['step']} ({summary['stopped_by']})",
+                        shown, [[f"{metrics[key]:.4f}" for key in shown]]))
+    evaluation = summary.get("evaluation")
+    if evaluation:
+        held_out = "" if evaluation["held_out"] else " (NOT held out)"
+        console.print(table(f"Held-out evaluation on {evaluation['split']}{held_out} ({evaluation['slices']} slices)",
+                            ["structure AUROC (macro)", "structures scored", "domain accuracy"],
+                            [[_fmt(evaluation["structure_auroc_macro"]), evaluation["structures_scored"],
+                              _fmt(evaluation["domain_accuracy"])]]))
+        rows = [[name, _fmt(values["auroc"]), values["positives"], values["negatives"]]
+                for name, values in evaluation["structure_auroc"].items()]
+        console.print(table("Structure present", ["structure", "AUROC", "present", "absent"], rows))
     console.print(f"checkpoint: {summary['checkpoint']}", soft_wrap=True, highlight=False)

@@ -7,6 +7,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.pipeline import (  # noqa: F401  (session fixtures of the tiny pipeline, for every package)
+    tiny_prepared,
+    tiny_synthesis,
+    tiny_tokenizer_run,
+    tiny_var_run,
+    tiny_var_task,
+)
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 

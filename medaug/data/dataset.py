@@ -34,7 +34,7 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler, get_worker_info
 
 from medaug.data.index import read_index
-from medaug.data.shards import INDEX_FILE, ShardStore
+from medaug.data.shards import ShardStore, index_file
 from medaug.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,8 @@ _READ_COLUMNS = ["slice_id", "split", "domain", "channels", "height", "width", "
 class PreparedSliceDataset(Dataset):
     """Slices of a prepared dataset, filtered by split, domain and structures present.
 
-    ``root``: the prepared dataset folder (``index.parquet`` + shards). ``split``/``domains``: keep rows
+    ``root``: the prepared dataset folder (``index.parquet`` + shards), or a synthetic folder
+    (``manifest.parquet`` + shards, ``medaug.synth.layout``). ``split``/``domains``: keep rows
     whose value is one of these (a single string is allowed). ``structures``: keep rows where at least
     one of these vocabulary names is present. ``channels_out``: C_max, default the most channels of any
     row in the index (so every split of one dataset has the same C_max). ``dtype``: image dtype
@@ -64,10 +65,11 @@ class PreparedSliceDataset(Dataset):
     ):
         self.root = Path(root)
         self.dtype = dtype
-        index = read_index(self.root / INDEX_FILE, columns=_READ_COLUMNS)
-        self.channels_out = _channels_out(index, channels_out, self.root / INDEX_FILE)
+        index_path = index_file(self.root)
+        index = read_index(index_path, columns=_READ_COLUMNS)
+        self.channels_out = _channels_out(index, channels_out, index_path)
         self.rows = _filter_rows(index, _as_list(split), _as_list(domains), _as_list(structures))
-        self.height, self.width = _slice_size(self.rows, self.root / INDEX_FILE)
+        self.height, self.width = _slice_size(self.rows, index_path)
         self.store = ShardStore(self.root)
         self._shards = self.rows.column("shard").to_numpy(zero_copy_only=False)
         self._shard_rows = self.rows.column("shard_row").to_numpy().astype(np.int64)

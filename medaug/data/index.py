@@ -140,13 +140,15 @@ def _json_scalar(value: Any) -> Any:
     raise TypeError(f"cannot store {type(value).__name__} in the intensity JSON")
 
 
-def rows_to_table(rows: Sequence[Mapping[str, Any]] | Mapping[str, Sequence[Any]]) -> pa.Table:
+def rows_to_table(rows: Sequence[Mapping[str, Any]] | Mapping[str, Sequence[Any]],
+                  extra_types: Mapping[str, pa.DataType] | None = None) -> pa.Table:
     """Build an index table from rows (list of dicts) or columns (dict of lists).
 
     Index columns get their schema type and are checked for nulls; ``split``, ``source_label``,
     ``fingerprint`` and ``synthetic`` may be left out (null / null / null / False). ``affine`` accepts
     (4, 4) arrays or 16 numbers per row; ``intensity`` accepts a JSON string or a list of dicts per row.
-    Extra columns keep pyarrow's inferred type and follow the index columns. Raises
+    Extra columns follow the index columns with their type from ``extra_types`` where named there (so
+    that parts written separately share one schema), else pyarrow's inferred type. Raises
     :class:`IndexSchemaError` naming the missing or bad column.
     """
     columns = _as_columns(rows)
@@ -158,7 +160,8 @@ def rows_to_table(rows: Sequence[Mapping[str, Any]] | Mapping[str, Sequence[Any]
         raise IndexSchemaError("index rows", f"missing columns {missing}; expected all of {list(INDEX_COLUMNS)}")
     arrays = [_index_array(name, columns[name]) for name in INDEX_COLUMNS]
     extras = [name for name in columns if name not in INDEX_COLUMNS]
-    arrays += [pa.array(columns[name]) for name in extras]
+    extra_types = extra_types or {}
+    arrays += [pa.array(columns[name], type=extra_types.get(name)) for name in extras]
     schema = _extend_schema([pa.field(name, array.type) for name, array in zip(extras, arrays[len(INDEX_COLUMNS):])])
     table = pa.Table.from_arrays(arrays, schema=schema)
     validate_index(table, "index rows")

@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 SHARDS_DIR = "shards"
 PARTS_DIR = "parts"
 INDEX_FILE = "index.parquet"
+MANIFEST_FILE = "manifest.parquet"  # a synthetic folder's index (``medaug.synth.layout``)
 IMAGE_SUFFIX = ".image.npy"
 LABEL_SUFFIX = ".label.npy"
 IGNORE_LABEL = 255
@@ -104,18 +105,20 @@ class ShardWriter:
         images_NCHW: np.ndarray,
         labels_NHW: np.ndarray | None,
         rows: Sequence[Mapping[str, Any]],
+        extra_types: Mapping[str, pa.DataType] | None = None,
     ) -> None:
         """Write a volume's slices and rows as one unit; rewriting the same volume replaces it.
 
         ``images_NCHW``: model space [-1, 1], any float dtype, stored as float16. ``labels_NHW``: uint8
         (0 background, 255 ignore, else vocabulary ids) or None for image-only sources. ``rows``: one
         index row per slice, in array order; ``shard`` and ``shard_row`` are filled here, ``slice_id``,
-        ``height`` and ``width`` are filled when absent and checked when present.
+        ``height`` and ``width`` are filled when absent and checked when present. ``extra_types``: types of
+        extra (non-index) columns, as :func:`~medaug.data.index.rows_to_table` takes them.
         """
         where = f"volume {volume_id}"
         images_NCHW = _checked_images(images_NCHW, where)
         labels_NHW = _checked_labels(labels_NHW, images_NCHW.shape, where)
-        table = rows_to_table(_complete_rows(rows, volume_id, images_NCHW.shape, where))
+        table = rows_to_table(_complete_rows(rows, volume_id, images_NCHW.shape, where), extra_types)
         part = part_path(self.root, volume_id)
         part.unlink(missing_ok=True)  # the volume stops counting as complete before any byte changes
         shard = shard_stem(volume_id)
@@ -238,6 +241,15 @@ def assemble_index(root: str | Path) -> pa.Table:
     return table.combine_chunks().replace_schema_metadata(tables[0].schema.metadata)
 
 
+def index_file(root: str | Path) -> Path:
+    """The index of a slice folder: ``index.parquet`` of a prepared dataset, else ``manifest.parquet`` of a
+    synthetic one (same schema plus synthesis columns); the former when neither exists (errors name it)."""
+    root = Path(root)
+    if not (root / INDEX_FILE).is_file() and (root / MANIFEST_FILE).is_file():
+        return root / MANIFEST_FILE
+    return root / INDEX_FILE
+
+
 def write_assembled_index(root: str | Path, table: pa.Table | None = None) -> Path:
     """Write ``table`` (default: :func:`assemble_index`) to ``root/index.parquet`` atomically."""
     table = assemble_index(root) if table is None else table
@@ -306,14 +318,15 @@ class ShardStore:
     ) -> np.ndarray:
         """Fill ``out_*[b]`` with slice ``rows[b]`` of ``shards[b]``; returns labelled_B (bool).
 
-        Copies in (shard, row) order, for locality. Channels beyond a shard's C are set to 0; labels of
+        Copies in (shard, row) order, for locality. Channels beyond a shard's C are set to 0, a shard's
+        channels beyond the output's are left out (a synthetic batch stores the generator's C_max); labels of
         image-only shards are set to 255 (ignore). ``out_images_BCHW`` may be float16 or float32.
         """
         labelled_B = np.ones(len(rows), dtype=bool)
         for position in sorted(range(len(rows)), key=lambda b: (shards[b], rows[b])):
             images, labels = self.open(shards[position])
-            channels = images.shape[1]
-            out_images_BCHW[position, :channels] = images[rows[position]]
+            channels = min(images.shape[1], out_images_BCHW.shape[1])
+            out_images_BCHW[position, :channels] = images[rows[position], :channels]
             out_images_BCHW[position, channels:] = 0
             if labels is None:
                 out_labels_BHW[position] = IGNORE_LABEL

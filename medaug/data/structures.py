@@ -37,6 +37,7 @@ from torch.utils.data import Dataset
 from medaug import vocab
 from medaug.data.dataset import PreparedSliceDataset
 from medaug.data.index import read_index
+from medaug.data.shards import index_file
 from medaug.errors import ConfigError, LabelError
 
 DOMAINS_FILE = "domains.json"
@@ -127,10 +128,10 @@ def read_domain_names(prepared: str | Path) -> list[str]:
 
 def read_row_column(dataset: PreparedSliceDataset, column: str) -> list[Any]:
     """Values of index ``column`` for the dataset's rows, in dataset order (joined on ``slice_id``)."""
-    index = read_index(dataset.root / INDEX_FILE, columns=["slice_id", column])
+    index = read_index(index_file(dataset.root), columns=["slice_id", column])
     positions = pc.index_in(dataset.rows.column("slice_id"), value_set=index.column("slice_id").combine_chunks())
     if positions.null_count:
-        raise ConfigError(dataset.root / INDEX_FILE, "rows of the dataset are missing from the index; re-open the dataset")
+        raise ConfigError(index_file(dataset.root), "rows of the dataset are missing from the index; re-open the dataset")
     return index.column(column).take(positions).to_pylist()
 
 

@@ -260,9 +260,13 @@ def block_causal_block_mask(level_L: torch.Tensor) -> Any:
     return create_block_mask(mask_mod, None, None, length, length, device=level_L.device)
 
 
-def drop_path(x_BLC: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
-    """Stochastic depth: zero whole rows of a residual branch with probability ``rate``, rescale the rest."""
-    if not training or rate == 0.0:
+def drop_path(x_BLC: torch.Tensor, rate: float | torch.Tensor, training: bool) -> torch.Tensor:
+    """Stochastic depth: zero whole rows of a residual branch with probability ``rate``, rescale the rest.
+
+    ``rate``: a float, or a 0-d float32 tensor (the blocks pass their rate as a buffer, so that blocks of
+    different rates trace to one ``torch.compile`` graph; a tensor rate of 0 keeps every row).
+    """
+    if not training or (not isinstance(rate, torch.Tensor) and rate == 0.0):
         return x_BLC
     keep = 1.0 - rate
     mask_B11 = x_BLC.new_empty(x_BLC.shape[0], 1, 1).bernoulli_(keep)
@@ -315,6 +319,10 @@ class AdaLNBlock(nn.Module):
         super().__init__()
         width = config.width
         self.drop_path_rate = drop_path_rate
+        # The rate as a 0-d buffer too: a Python float would be a per-block constant of a compiled block
+        # (one recompilation per distinct rate); with the tensor every block shares one graph.
+        self.register_buffer("drop_rate", torch.tensor(drop_path_rate, dtype=torch.float32), persistent=False)
+        self.stochastic_depth = config.drop_path_rate > 0.0  # the same in every block (block 0 has rate 0)
         self.norm = nn.LayerNorm(width, eps=config.norm_eps, elementwise_affine=False)
         self.attn = SelfAttention(width, config.heads)
         self.ffn = FeedForward(width, config.mlp_hidden)
@@ -331,12 +339,20 @@ class AdaLNBlock(nn.Module):
             return shared_B6C + self.ada_offset_6C
         return self.ada_lin(cond_BC).view(cond_BC.shape[0], 6, -1)  # (B, 6, C)
 
-    def forward(self, x_BLC: torch.Tensor, mod_B6C: torch.Tensor, attend: Attend, training: bool) -> torch.Tensor:
+    def forward(self, x_BLC: torch.Tensor, mod_B6C: torch.Tensor | None, attend: Attend, training: bool,
+                cond_BC: torch.Tensor | None = None, shared_B6C: torch.Tensor | None = None) -> torch.Tensor:
+        """One block on (B, L, C). ``mod_B6C``: this block's AdaLN vectors (:meth:`modulation`), or None to
+        compute them here from ``cond_BC`` (and ``shared_B6C``). The teacher-forced forward passes None, so
+        that every weight of the block is used inside the block's own call (FSDP2 gathers a block's
+        parameters around that call; a compiled block includes its AdaLN projection)."""
+        if mod_B6C is None:
+            mod_B6C = self.modulation(cond_BC, shared_B6C)
         gamma1, gamma2, scale1, scale2, shift1, shift2 = mod_B6C.unsqueeze(1).unbind(2)  # each (B, 1, C)
         h_BLC = self.norm(x_BLC) * (1 + scale1) + shift1
-        x_BLC = x_BLC + drop_path(self.attn(h_BLC, attend) * gamma1, self.drop_path_rate, training)
+        training = training and self.stochastic_depth
+        x_BLC = x_BLC + drop_path(self.attn(h_BLC, attend) * gamma1, self.drop_rate, training)
         h_BLC = self.norm(x_BLC) * (1 + scale2) + shift2
-        return x_BLC + drop_path(self.ffn(h_BLC) * gamma2, self.drop_path_rate, training)
+        return x_BLC + drop_path(self.ffn(h_BLC) * gamma2, self.drop_rate, training)
 
 
 @dataclass
@@ -443,6 +459,7 @@ class VAR(nn.Module):
         self.mask_LL.copy_(self.level_L[None, :] <= self.level_L[:, None])
         for block in self.blocks:
             block.attn.k_bias_zero.zero_()
+            block.drop_rate.fill_(block.drop_path_rate)
         self._block_masks.clear()
 
     def _scale_adaln(self, linear: nn.Linear) -> None:
@@ -520,17 +537,23 @@ class VAR(nn.Module):
         cond_BC = self.condition(domain_B, present_BS, annotated_BS, drop_B)
         x_BLC = self.embed_teacher(x_teacher_BLC, cond_BC)
         attend = self.teacher_attend(x_BLC.device)
-        for block, mod_B6C in zip(self.blocks, self.block_modulations(cond_BC)):
-            x_BLC = block(x_BLC, mod_B6C, attend, self.training)
+        shared_B6C = None
+        if self.shared_ada_lin is not None:
+            shared_B6C = self.shared_ada_lin(cond_BC).view(cond_BC.shape[0], 6, -1)  # (B, 6, C)
+        for block in self.blocks:  # each block computes its own AdaLN vectors (see AdaLNBlock.forward)
+            x_BLC = block(x_BLC, None, attend, self.training, cond_BC, shared_B6C)
         return self.logits(x_BLC, cond_BC)
 
     def resolved_attn_impl(self, device: torch.device) -> str:
         """"sdpa" or "flex" for ``device``; "auto" is sdpa everywhere.
 
-        Measured on one H200 (torch 2.11, d16, batch 64, bf16 autocast, AdamW step): SDPA 214 images/s
-        eager and 372 compiled, FlexAttention 208 and 369. With VAR's schedule 425 of the 680 positions
-        sit in the last two scales, so a 128-wide block mask skips few blocks and the boolean mask costs
-        little; FlexAttention stays available for longer schedules (512², 2240 tokens).
+        Measured on one H200 (torch 2.11, d16, bf16 autocast, AdamW step; benchmarks/train_var.py,
+        results/train_var-h200x2.json): per-block compiled training at batch 128, SDPA 346 images/s and
+        FlexAttention 339; attention alone (forward + backward, batch 128, 16 heads): SDPA with the mask
+        5.0 ms (PyTorch picks cuDNN's kernel; the memory-efficient one takes 11.3 ms), FlexAttention
+        5.8 ms, unmasked SDPA 3.5 ms. With VAR's schedule 425 of the 680 positions sit in the last two
+        scales, so a 128-wide block mask skips few blocks (62% of the scores are needed); FlexAttention
+        stays available for longer schedules (512², 2240 tokens).
         """
         del device  # kept so that a later measurement can choose per device
         impl = self.config.attn_impl

@@ -14,6 +14,12 @@ It is written under a temporary name and renamed; ``checkpoints/latest`` (a text
 complete folder) is updated last, so a kill at any moment leaves the previous checkpoint usable.
 Loading verifies format, schema version, kind and every file's sha256 before reading anything, and
 never unpickles: safetensors for weights, ``weights_only=True`` for the trainer file.
+
+Sharded training (FSDP2) saves the same files: :func:`module_state_dict` gathers the full weights onto
+rank 0's CPU, and :func:`optimizer_state_dict` stores optimizer states by parameter name, whole (not per
+shard). So a checkpoint does not depend on how it was trained: it loads into a plain module on the CPU
+(sampling), into DDP or FSDP2 runs on any number of GPUs (:func:`load_module_weights` and
+:func:`load_optimizer_state_dict` shard it again), and a run can resume on another number of GPUs.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from torch import Tensor, nn
 
 from medaug.errors import CheckpointError
 from medaug.io.atomic import PART_PREFIX, atomic_output
+from medaug.train.distributed import is_sharded
 
 log = logging.getLogger(__name__)
 
@@ -404,7 +411,8 @@ def _describe_mismatch(module: nn.Module, state: dict[str, Tensor]) -> str | Non
 def load_module_weights(module: nn.Module, checkpoint: Checkpoint | Path, name: str = "model") -> None:
     """Copy ``checkpoint``'s ``<name>.safetensors`` into ``module`` (strict: same keys and shapes).
 
-    ``module`` may be DDP-wrapped or compiled; the weights go into the module inside.
+    ``module`` may be DDP-wrapped, compiled or FSDP2-sharded (then every rank calls this and keeps its
+    shard of the full weights); the weights go into the module inside.
     """
     if not isinstance(checkpoint, Checkpoint):
         checkpoint = load_checkpoint(Path(checkpoint), trainer=False)
@@ -418,7 +426,109 @@ def load_module_weights(module: nn.Module, checkpoint: Checkpoint | Path, name: 
     problem = _describe_mismatch(target, state)
     if problem:
         raise CheckpointError(where, f"{problem}; expected the model config the checkpoint was saved with")
+    if is_sharded(target):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        # set_model_state_dict replaces the values of the dict it is given: pass a copy
+        set_model_state_dict(target, dict(state), options=StateDictOptions(full_state_dict=True, strict=True))
+        return
     target.load_state_dict(state, strict=True)
+
+
+# ------------------------------------------------------------------------ full states of sharded modules
+
+
+def module_state_dict(module: nn.Module) -> dict[str, Tensor]:
+    """The state dict of the module inside ``module`` (DDP, compile), as :func:`save_checkpoint` stores it.
+
+    For an FSDP2-sharded module the full tensors are gathered: every rank must call this; rank 0 gets
+    them on the CPU, the other ranks an empty dict.
+    """
+    from medaug.train.engine import unwrap
+
+    target = unwrap(module)
+    if not is_sharded(target):
+        return target.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(target, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _group_names(module: nn.Module, optimizer: torch.optim.Optimizer) -> list[list[str]]:
+    """Names of the optimizer's parameters, group by group in its own order (``optimizer.state_dict()``
+    numbers them 0, 1, ... in this order)."""
+    from medaug.train.engine import unwrap
+
+    names = {id(parameter): name for name, parameter in unwrap(module).named_parameters()}
+    return [[names[id(parameter)] for parameter in group["params"]] for group in optimizer.param_groups]
+
+
+def _by_name(state: dict[str, Any], groups: list[list[str]]) -> dict[str, Any]:
+    """An index-keyed optimizer state dict keyed by parameter name instead."""
+    names = [name for group in groups for name in group]
+    param_groups = [{**group, "params": [names[index] for index in group["params"]]} for group in state["param_groups"]]
+    return {"state": {names[index]: value for index, value in state["state"].items()}, "param_groups": param_groups}
+
+
+def _by_index(state: dict[str, Any], groups: list[list[str]], where: str) -> dict[str, Any]:
+    """A name-keyed optimizer state dict keyed by this optimizer's indices, its groups in this optimizer's
+    parameter order (``Optimizer.load_state_dict`` pairs saved and current parameters by position)."""
+    if len(state["param_groups"]) != len(groups):
+        raise CheckpointError(where, f"optimizer has {len(state['param_groups'])} parameter groups; expected "
+                                     f"{len(groups)} (the model the checkpoint was saved with)")
+    index = {name: i for i, name in enumerate(name for group in groups for name in group)}
+    param_groups = []
+    for saved, current in zip(state["param_groups"], groups):
+        if set(saved["params"]) != set(current):
+            missing = sorted(set(current) - set(saved["params"]))
+            unexpected = sorted(set(saved["params"]) - set(current))
+            raise CheckpointError(where, f"optimizer parameters differ: missing {missing[:3]}, unexpected "
+                                         f"{unexpected[:3]}; expected the model the checkpoint was saved with")
+        param_groups.append({**saved, "params": [index[name] for name in current]})
+    return {"state": {index[name]: value for name, value in state["state"].items()}, "param_groups": param_groups}
+
+
+def optimizer_state_dict(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """``optimizer``'s state keyed by parameter name (``module``'s names), with whole (unsharded) tensors.
+
+    For an FSDP2-sharded module every rank must call this (it gathers); rank 0 gets the state on the CPU.
+    Before the first step the state is empty and only the groups are returned (nothing to gather).
+    """
+    from medaug.train.engine import unwrap
+
+    target = unwrap(module)
+    if is_sharded(target) and optimizer.state:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(target, optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return _by_name(optimizer.state_dict(), _group_names(target, optimizer))
+
+
+def load_optimizer_state_dict(module: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any],
+                              where: str = TRAINER_FILE) -> None:
+    """Restore :func:`optimizer_state_dict` output (or a plain ``optimizer.state_dict()`` keyed by index).
+
+    ``module`` may be sharded differently from the run that saved it (FSDP2 on any number of ranks, DDP,
+    one process): states are matched by parameter name and re-sharded. Raises CheckpointError naming
+    ``where`` when the parameter names differ.
+    """
+    from medaug.train.engine import unwrap
+
+    target = unwrap(module)
+    saved = [key for group in state["param_groups"] for key in group["params"]]
+    if all(isinstance(key, int) for key in saved):  # index-keyed (checkpoints of earlier versions)
+        optimizer.load_state_dict(state)
+        return
+    by_index = _by_index(state, _group_names(target, optimizer), where)  # checks the names
+    if not is_sharded(target):
+        optimizer.load_state_dict(by_index)
+    elif state["state"]:  # an empty state (saved before the first step) leaves the fresh optimizer as it is
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        copy = {"state": {key: dict(value) for key, value in state["state"].items()},
+                "param_groups": [dict(group) for group in state["param_groups"]]}
+        set_optimizer_state_dict(target, optimizer, copy, options=StateDictOptions(full_state_dict=True))
 
 
 # ------------------------------------------------------------------------------------------ RNG states
@@ -465,6 +575,9 @@ __all__ = [
     "list_checkpoints",
     "prune_checkpoints",
     "load_module_weights",
+    "load_optimizer_state_dict",
+    "module_state_dict",
+    "optimizer_state_dict",
     "update_checkpoint_meta",
     "capture_rng_state",
     "restore_rng_state",

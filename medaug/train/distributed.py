@@ -4,7 +4,12 @@ torchrun (``python -m torch.distributed.run``) starts one process per GPU and se
 ``WORLD_SIZE`` and ``LOCAL_RANK`` (plus the rendezvous address). Without them this is one process on
 one GPU (or the CPU). Backend: NCCL on CUDA, gloo on CPU. Every helper here also works when no process
 group exists (one process), so callers never branch on it. Model code never imports this module
-(STYLE rule 3): the engine wraps modules in DDP from outside.
+(STYLE rule 3): the engine wraps modules in DDP, or shards them with FSDP2 (:func:`shard_module`), from
+outside.
+
+FSDP2 (``torch.distributed.fsdp.fully_shard``) needs a process group even in one process: ``setup(...,
+process_group=True)`` then makes a one-rank group (an in-process store, no rendezvous). Sharded
+parameters are DTensors; :func:`full_tensor` gathers one (every rank calls it).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from typing import Any, Literal, TypeVar
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
 from medaug.errors import ConfigError
 
@@ -71,20 +76,23 @@ def pick_device(local_rank: int, device: Literal["auto", "cpu", "cuda"] = "auto"
     return torch.device("cuda", local_rank)
 
 
-def setup(device: Literal["auto", "cpu", "cuda"] = "auto") -> DistInfo:
+def setup(device: Literal["auto", "cpu", "cuda"] = "auto", process_group: bool = False) -> DistInfo:
     """Read the torchrun environment, choose the device and join the process group (if WORLD_SIZE > 1).
 
-    An existing process group (created by the caller) is used as it is and left to the caller.
+    ``process_group``: make a one-rank group when WORLD_SIZE is 1 too (FSDP2 needs one). An existing
+    process group (created by the caller) is used as it is and left to the caller.
     """
     if dist.is_available() and dist.is_initialized():
         local_rank = _env_int("LOCAL_RANK", 0)
         return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, pick_device(local_rank, device), False)
     rank, world_size, local_rank = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1), _env_int("LOCAL_RANK", 0)
     chosen = pick_device(local_rank, device)
-    if world_size == 1:
+    if world_size == 1 and not process_group:
         return DistInfo(0, 1, local_rank, chosen, False)
     backend = "nccl" if chosen.type == "cuda" else "gloo"
     options: dict[str, Any] = {"device_id": chosen} if chosen.type == "cuda" else {}
+    if world_size == 1:  # no torchrun: a one-rank group on an in-process store (no address, no port)
+        options["store"] = dist.HashStore()
     dist.init_process_group(backend=backend, rank=rank, world_size=world_size, timeout=PROCESS_GROUP_TIMEOUT,
                             **options)
     log.info("joined process group: rank %d of %d, backend %s, device %s", rank, world_size, backend, chosen)
@@ -163,8 +171,61 @@ def all_gather_objects(value: Any) -> list[Any]:
     return gathered
 
 
+# ------------------------------------------------------------------------------------------------ FSDP2
+
+
+def shard_module(module: nn.Module, blocks: list[nn.Module], device: torch.device) -> None:
+    """FSDP2 in place: ``fully_shard`` each of ``blocks``, then ``module`` (its remaining parameters).
+
+    Parameters, gradients and (through them) optimizer states are split over all ranks along dim 0
+    (ZeRO-3): a block's parameters are all-gathered just before its forward and backward and freed after.
+    Parameters stay float32 (bf16 autocast does the matmuls, as without FSDP), so a sharded run computes
+    what a DDP run computes. Needs the process group (``setup(process_group=True)``).
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for block in blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(module, mesh=mesh)
+
+
+def is_sharded(module: nn.Module) -> bool:
+    """True when ``module`` holds FSDP2-sharded (DTensor) parameters."""
+    if not dist.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(parameter, DTensor) for parameter in module.parameters())
+
+
+def full_tensor(value: Tensor) -> Tensor:
+    """The whole tensor behind a DTensor (a collective: every rank calls it); other tensors unchanged."""
+    if dist.is_available():
+        from torch.distributed.tensor import DTensor
+
+        if isinstance(value, DTensor):
+            return value.full_tensor()
+    return value
+
+
+def distribute_like(full: Tensor, like: Tensor) -> Tensor:
+    """``full`` (the whole tensor, the same on every rank) laid out as DTensor ``like`` (this rank's shard)."""
+    if dist.is_available():
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        if isinstance(like, DTensor):
+            return distribute_tensor(full.to(like.device, like.dtype), like.device_mesh, like.placements)
+    return full
+
+
 __all__ = [
     "DistInfo",
+    "shard_module",
+    "is_sharded",
+    "full_tensor",
+    "distribute_like",
     "setup",
     "teardown",
     "pick_device",

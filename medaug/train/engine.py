@@ -14,6 +14,18 @@ Global batch: ``TrainConfig.batch_size`` samples per step over all ranks. Rank r
 every W-th index of the epoch's permutation, so step s of a W-process run sees exactly the samples of
 step s of a one-process run with the same global batch (and the averaged gradient is the same mean).
 
+Scale: one process trains on one GPU (or the CPU); under ``torchrun --nproc-per-node N`` each process
+takes GPU ``LOCAL_RANK`` and a share of the global batch. A trained module is replicated with DDP
+(gradients all-reduced in buckets during the backward pass), or with ``fsdp: true`` sharded with FSDP2
+block by block (each GPU keeps 1/N of the weights, gradients and AdamW states; a block's weights are
+gathered just for its forward and backward: d24/d30). Both compute what one process computes with the
+same global batch, and checkpoints hold full tensors (gathered onto rank 0), so a run saved by N
+processes resumes on M, sharded or not, and samples on a CPU. ``compile`` (scope "blocks": each block
+compiled in place, one graph for all of them), ``activation_checkpointing`` (a fraction of the blocks
+recomputed in the backward pass), fused AdamW and bf16 autocast are the speed and memory knobs; their
+measured effect is in benchmarks/README.md. Several nodes: the same command on every node under
+torchrun's c10d rendezvous (recipes/README.md, "Training on several GPUs and nodes").
+
 Exactness of resume: all randomness the engine uses is checkpointed (Python, NumPy, torch CPU/CUDA
 generators per rank; the sampler's permutation is a function of seed and epoch; DataLoader workers are
 seeded from (seed, rank, epoch)). Randomness drawn inside ``Dataset.__getitem__`` in worker processes is
@@ -24,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import inspect
 import itertools
 import json
@@ -37,6 +50,7 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
+import torch.utils.checkpoint
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
@@ -52,6 +66,9 @@ from medaug.train.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     load_module_weights,
+    load_optimizer_state_dict,
+    module_state_dict,
+    optimizer_state_dict,
     restore_rng_state,
     save_checkpoint,
     step_dir_name,
@@ -65,6 +82,8 @@ from medaug.train.schedule import lr_at
 log = logging.getLogger(__name__)
 
 UpdateFn = Callable[[str, Tensor], None]
+COMPILE_OPTIONS: dict[str, Any] = {}
+"""Keyword arguments of every ``torch.compile`` the engine makes (e.g. ``mode``; tests use a cheaper backend)."""
 ProgressFn = Callable[[int, int, dict[str, float]], None]
 CONFIG_FILE = "train_config.json"
 RESERVED_MODULE_NAMES = ("model", "ema", "meta", "trainer")
@@ -108,6 +127,14 @@ class TrainConfig:
     ``precision``: "auto" = bf16 autocast on CUDA, fp32 on CPU. ``ema_decay``: EMA of the first
     module's weights (None = off). ``keep_last``: checkpoints kept on disk. ``device``: "auto" = CUDA
     when available. ``optim``: one OptimConfig per trained module by name (defaults for the others).
+
+    Speed and memory (module doc, "Scale"): ``compile``: ``torch.compile``; ``compile_scope`` "blocks"
+    compiles each repeated block of a module (its ``blocks`` ModuleList) in place, all blocks sharing one
+    graph (fast to compile, works with DDP and FSDP2; a module without blocks is compiled whole), "model"
+    compiles the whole (DDP-wrapped) module. ``fsdp``: shard every trained module with FSDP2 (per block,
+    then the rest) instead of replicating it with DDP; also in one process. ``activation_checkpointing``:
+    the fraction of blocks (evenly spaced) whose activations are recomputed in the backward pass instead
+    of kept (0 = none, 1 = all: about a third more compute for a large cut in activation memory).
     """
 
     max_steps: int = 1000
@@ -116,6 +143,9 @@ class TrainConfig:
     num_workers: int = 2
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     compile: bool = False
+    compile_scope: Literal["blocks", "model"] = "blocks"
+    fsdp: bool = False
+    activation_checkpointing: float = 0.0
     ema_decay: float | None = None
     checkpoint_every: int = 500
     log_every: int = 10
@@ -135,6 +165,10 @@ class TrainConfig:
         _require(self.log_every >= 1, "log_every", self.log_every, "an integer >= 1")
         _require(self.keep_last >= 1, "keep_last", self.keep_last, "an integer >= 1")
         _require(0 <= self.seed < 2**63, "seed", self.seed, "an integer in [0, 2**63)")
+        _require(0.0 <= self.activation_checkpointing <= 1.0, "activation_checkpointing",
+                 self.activation_checkpointing, "a fraction of the blocks in [0, 1]")
+        _require(not (self.fsdp and self.compile and self.compile_scope == "model"), "compile_scope",
+                 self.compile_scope, "'blocks' with fsdp: true (FSDP2 gathers parameters block by block)")
 
 
 def _require(condition: bool, key: str, value: Any, expected: str) -> None:
@@ -242,12 +276,67 @@ def _no_buffer_sync() -> dict[str, bool]:
 
 
 def wrap_module(module: nn.Module, info: DistInfo, compile_module: bool) -> nn.Module:
-    """DDP (when distributed and trainable), then ``torch.compile`` of the wrapper (PyTorch's DDP + compile order)."""
+    """DDP (when distributed, trainable and not FSDP2-sharded), then ``torch.compile`` of the wrapper
+    (PyTorch's DDP + compile order) when ``compile_module``. Gradients live in DDP's buckets
+    (``gradient_as_bucket_view``: one copy of them, not two)."""
     wrapped = module
-    if info.world_size > 1 and any(parameter.requires_grad for parameter in module.parameters()):
+    trainable = any(parameter.requires_grad for parameter in module.parameters())
+    if info.world_size > 1 and trainable and not dist_utils.is_sharded(module):
         device_ids = [info.device.index] if info.device.type == "cuda" else None
-        wrapped = DistributedDataParallel(module, device_ids=device_ids, **_no_buffer_sync())
-    return torch.compile(wrapped) if compile_module else wrapped
+        wrapped = DistributedDataParallel(module, device_ids=device_ids, gradient_as_bucket_view=True,
+                                          **_no_buffer_sync())
+    return torch.compile(wrapped, **COMPILE_OPTIONS) if compile_module else wrapped
+
+
+def repeated_blocks(module: nn.Module) -> list[nn.Module]:
+    """The module's repeated blocks (its ``blocks`` attribute when that is an ``nn.ModuleList``), else []:
+    the unit of per-block compilation, activation checkpointing and FSDP2 sharding."""
+    blocks = getattr(module, "blocks", None)
+    return list(blocks) if isinstance(blocks, nn.ModuleList) else []
+
+
+def checkpoint_blocks(module: nn.Module, fraction: float) -> list[int]:
+    """Recompute the activations of ``round(fraction · n)`` of the module's n blocks (evenly spaced) in the
+    backward pass instead of keeping them (non-reentrant ``torch.utils.checkpoint``; the block's RNG
+    state is replayed, so stochastic depth draws the same rows). The block's ``forward`` is replaced on
+    the instance: parameter names and state-dict keys do not change. Returns the block indices."""
+    blocks = repeated_blocks(module)
+    count = round(fraction * len(blocks))
+    chosen = [int(i * len(blocks) / count) for i in range(count)] if count else []
+    for index in chosen:
+        blocks[index].forward = _recomputed(blocks[index].forward)
+    return chosen
+
+
+def _recomputed(forward: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(forward)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    return run
+
+
+def prepare_module(module: nn.Module, config: TrainConfig, info: DistInfo) -> str:
+    """Apply, in place and in this order, activation checkpointing, per-block compilation and FSDP2 to a
+    trained module (torchtitan's order); DDP and whole-module compilation come later (:func:`wrap_module`).
+    Returns a one-line description for the log."""
+    blocks = repeated_blocks(module)
+    done = []
+    if config.activation_checkpointing > 0 and blocks:
+        recomputed = checkpoint_blocks(module, config.activation_checkpointing)
+        done.append(f"{len(recomputed)}/{len(blocks)} blocks recomputed")
+    if config.compile and config.compile_scope == "blocks" and blocks:
+        for block in blocks:
+            block.compile(**COMPILE_OPTIONS)
+        done.append(f"{len(blocks)} blocks compiled")
+    if config.fsdp:
+        dist_utils.shard_module(module, blocks, info.device)
+        done.append(f"FSDP2 over {info.world_size} rank(s), {len(blocks)} blocks + root")
+    return ", ".join(done) or "as built"
+
+
+def _compile_whole(module: nn.Module, config: TrainConfig) -> bool:
+    return config.compile and (config.compile_scope == "model" or not repeated_blocks(module))
 
 
 @dataclass
@@ -364,6 +453,7 @@ class _Trainer:
         seed_everything(config.seed)  # the same on every rank: identical initial weights
         self.modules = self._build_modules()
         self.main_name = next(iter(self.modules))
+        self._prepare_modules()
         self.trained = self._build_optimizers()
         self.ema = ModelEMA(self.modules[self.main_name], config.ema_decay) if config.ema_decay is not None else None
         seed_everything(_derived_seed(config.seed, info.rank))  # then one stream per rank (dropout, noise)
@@ -389,6 +479,14 @@ class _Trainer:
             raise ConfigError(f"{self.task.name}.build_modules", f"module name {reserved[0]!r} is reserved for "
                               f"checkpoint files; expected a name other than {', '.join(RESERVED_MODULE_NAMES)}")
         return {name: module.to(self.device) for name, module in modules.items()}
+
+    def _prepare_modules(self) -> None:
+        """Activation checkpointing, per-block compilation and FSDP2 of every trainable module (config)."""
+        for name, module in self.modules.items():
+            if any(parameter.requires_grad for parameter in module.parameters()):
+                description = prepare_module(module, self.config, self.info)
+                if self.info.is_rank0:
+                    log.info("%s: %s", name, description)
 
     def _build_optimizers(self) -> dict[str, _Trained]:
         unknown = [name for name in self.config.optim if name not in self.modules]
@@ -448,9 +546,10 @@ class _Trainer:
     # ---- checkpoints
 
     def _state_dicts(self) -> dict[str, dict[str, Tensor]]:
-        states = {stem: module.state_dict() for stem, module in self._saved_modules().items()}
+        """Full state dicts by file stem; gathers sharded modules (every rank calls it, rank 0 gets them)."""
+        states = {stem: module_state_dict(module) for stem, module in self._saved_modules().items()}
         if self.ema is not None:
-            states["ema"] = self.ema.state_dict()
+            states["ema"] = {key: dist_utils.full_tensor(value) for key, value in self.ema.state_dict().items()}
         return states
 
     def _trainer_state(self, rng_states: list[dict[str, Tensor]]) -> dict[str, Any]:
@@ -459,7 +558,8 @@ class _Trainer:
             "data_position": dataclasses.asdict(self.position),
             "world_size": self.info.world_size,
             "batch_size": self.config.batch_size,
-            "optimizers": {name: trained.optimizer.state_dict() for name, trained in self.trained.items()},
+            "optimizers": {name: optimizer_state_dict(trained.module, trained.optimizer)
+                           for name, trained in self.trained.items()},
             "schedules": {name: {"updates": trained.updates, "last_lr": trained.last_lr}
                           for name, trained in self.trained.items()},
             "ema_updates": self.ema.updates if self.ema is not None else 0,
@@ -482,9 +582,10 @@ class _Trainer:
         """Checkpoint the current step (rank 0 writes; RNG states come from every rank)."""
         rng_states = dist_utils.all_gather_objects(capture_rng_state(self.device))
         path = self.run_dir / CHECKPOINTS_DIR / step_dir_name(self.step)
+        states, trainer_state = self._state_dicts(), self._trainer_state(rng_states)  # collectives when sharded
         if self.info.is_rank0:
-            path = save_checkpoint(self.run_dir / CHECKPOINTS_DIR, self.step, self.task.name, self._state_dicts(),
-                                   self._trainer_state(rng_states), self._metadata(), keep_last=self.config.keep_last)
+            path = save_checkpoint(self.run_dir / CHECKPOINTS_DIR, self.step, self.task.name, states, trainer_state,
+                                   self._metadata(), keep_last=self.config.keep_last)
         dist_utils.barrier()
         self.saved_step, self.saved_path = self.step, path
         return path
@@ -512,7 +613,8 @@ class _Trainer:
             if name not in state["optimizers"]:
                 raise CheckpointError(checkpoint.path / "trainer.pt", f"has no optimizer state for module {name!r}; "
                                       f"expected one of {sorted(state['optimizers'])}")
-            trained.optimizer.load_state_dict(state["optimizers"][name])
+            load_optimizer_state_dict(trained.module, trained.optimizer, state["optimizers"][name],
+                                      f"{checkpoint.path / 'trainer.pt'} optimizers.{name}")
             schedule = state["schedules"].get(name, {})
             trained.updates = int(schedule.get("updates", 0))
             trained.last_lr = float(schedule.get("last_lr", 0.0))
@@ -521,7 +623,10 @@ class _Trainer:
         if self.ema is None:
             return
         if "ema" in checkpoint.state_dicts:
-            self.ema.load_state_dict(checkpoint.state_dicts["ema"])
+            current = self.ema.state_dict()  # DTensor shards when the module is sharded
+            saved = checkpoint.state_dicts["ema"]
+            self.ema.load_state_dict({key: dist_utils.distribute_like(value, current[key]) if key in current else value
+                                      for key, value in saved.items()})
             self.ema.updates = int((checkpoint.trainer_state or {}).get("ema_updates", 0))
             return
         log.warning("%s has no ema.safetensors; the EMA starts from the loaded weights", checkpoint.path)
@@ -555,7 +660,7 @@ class _Trainer:
         loss.backward()
         if trained.config.grad_clip is not None:
             norm = nn.utils.clip_grad_norm_(trained.module.parameters(), trained.config.grad_clip)
-            self.meter.add(f"grad_norm/{name}", norm)
+            self.meter.add(f"grad_norm/{name}", dist_utils.full_tensor(norm))  # sharded: a replicated DTensor
         trained.last_lr = lr_at(self.step, trained.config, self.config.max_steps)
         for group in trained.optimizer.param_groups:
             group["lr"] = trained.last_lr
@@ -592,7 +697,8 @@ class _Trainer:
             if dropped:
                 log.info("log.jsonl: dropped %d records written after step %d", dropped, self.step)
         dist_utils.on_rank0(self._write_config)
-        self.wrapped = {name: wrap_module(module, self.info, self.config.compile) for name, module in self.modules.items()}
+        self.wrapped = {name: wrap_module(module, self.info, _compile_whole(module, self.config))
+                        for name, module in self.modules.items()}
 
     def _write_config(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -661,7 +767,7 @@ def train(task: Task, config: TrainConfig, run_dir: Path, resume: bool = False,
     reason it stopped.
     """
     run_dir = Path(run_dir)
-    info = dist_utils.setup(config.device)
+    info = dist_utils.setup(config.device, process_group=config.fsdp)
     try:
         trainer = _Trainer(task, config, run_dir, info)
         trainer.start(resume)
@@ -682,6 +788,9 @@ __all__ = [
     "param_groups",
     "build_optimizer",
     "wrap_module",
+    "prepare_module",
+    "repeated_blocks",
+    "checkpoint_blocks",
     "move_to_device",
     "seed_everything",
     "autocast_context",

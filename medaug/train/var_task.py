@@ -472,7 +472,8 @@ def load_generator(run_dir: str | Path, device: str | torch.device = "cpu", weig
 
     ``run_dir``: a VAR run folder (its latest checkpoint) or a checkpoint folder inside one. The tokenizer is
     the run's copy, checked against the sha256 the checkpoint records. ``weights``: "model", "ema" or
-    "auto" (the EMA when the checkpoint has one).
+    "auto" (the EMA when the checkpoint has one). The returned meta gains ``loaded_weights``: the
+    checkpoint folder, the weights' file stem and their sha256 (what a synthetic manifest records).
     """
     from medaug.train.checkpoint import load_checkpoint, load_module_weights
 
@@ -488,6 +489,8 @@ def load_generator(run_dir: str | Path, device: str | torch.device = "cpu", weig
     var = VAR(from_dict(VARConfig, meta["model_config"], f"{checkpoint.path}/meta.json:model_config"))
     stem = "ema" if weights == "ema" or (weights == "auto" and "ema" in checkpoint.state_dicts) else "model"
     load_module_weights(var, checkpoint, stem)
+    meta = {**meta, "loaded_weights": {"checkpoint": str(checkpoint.path), "stem": stem,
+                                       "sha256": meta["files"][f"{stem}.safetensors"]}}
     return var.to(device).eval(), vqvae, meta
 
 

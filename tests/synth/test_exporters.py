@@ -282,7 +282,7 @@ def test_export_batch_writes_both_formats_and_resumes(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"formats": ("png", "dicom")}, "expected one or more of png, nifti, nnunet"),
+    ({"formats": ("png", "tiff")}, "expected one or more of png, nifti, dicom, nnunet"),
     ({"formats": ("nnunet",)}, "open dataset"),
 ], ids=["unknown-format", "nnunet-without-dataset"])
 def test_export_batch_refuses_bad_arguments(tmp_path, kwargs, match):

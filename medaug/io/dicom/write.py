@@ -34,6 +34,8 @@ __all__ = [
     "SliceGeometry",
     "affine_to_dicom_geometry",
     "choose_rescale",
+    "modality_attributes",
+    "series_attributes",
     "write_dicom_series",
 ]
 
@@ -108,16 +110,19 @@ def affine_to_dicom_geometry(affine: np.ndarray, num_slices: int, where: str | P
     )
 
 
-def choose_rescale(values: np.ndarray) -> tuple[float, float]:
+def choose_rescale(values: np.ndarray, integers: bool = True) -> tuple[float, float]:
     """Pick (RescaleSlope, RescaleIntercept) so int16 stored values reproduce ``values`` within half a step.
 
     Integral values that fit int16 (CT HU) keep slope 1, intercept 0; integral values spanning at most
     the int16 range keep slope 1 with an integral intercept; anything else (MR floats) is spread over
-    about ±32000. Both numbers are already rounded to what a 16-character DS string holds.
+    about ±32000. ``integers=False`` spreads integral values too (``values`` is only a range, such as MR
+    a.u. [0, 1000], whose integral ends say nothing about the precision of what lies between). Both
+    numbers are already rounded to what a 16-character DS string holds.
     """
     values = np.asarray(values)
     low, high = float(np.min(values)), float(np.max(values))
-    if not np.issubdtype(values.dtype, np.floating) or np.array_equal(values, np.rint(values)):
+    integral = not np.issubdtype(values.dtype, np.floating) or np.array_equal(values, np.rint(values))
+    if integers and integral:
         if low >= INT16_MIN and high <= INT16_MAX:
             return 1.0, 0.0
         if high - low <= INT16_MAX - INT16_MIN:
@@ -203,7 +208,7 @@ def write_dicom_series(
     geometry = affine_to_dicom_geometry(volume.affine, values_IJK.shape[2], where=f"{folder} (affine)")
     slope, intercept = choose_rescale(values_IJK) if rescale is None else (_ds_round(rescale[0]), _ds_round(rescale[1]))
     stored_IJK = _values_to_stored(values_IJK, slope, intercept, folder)
-    series = _series_attributes(
+    series = series_attributes(
         modality=modality,
         series_description=series_description,
         patient=(patient_id, patient_name),
@@ -254,7 +259,7 @@ def _set_attributes(dataset: Any, attributes: dict[str, Any]) -> None:
         setattr(dataset, keyword, value)
 
 
-def _series_attributes(
+def series_attributes(
     *,
     modality: str,
     series_description: str,
@@ -263,11 +268,15 @@ def _series_attributes(
     rescale: tuple[float, float],
     window: tuple[float, float] | None,
     series_number: int,
+    created: dt.datetime | None = None,
 ) -> dict[str, Any]:
-    """Keyword → value shared by every file of the series (patient, study, series, equipment, pixels)."""
+    """Keyword → value shared by every file of the series (patient, study, series, equipment, pixels).
+
+    ``created`` stamps the study, series and content dates and times (default: now).
+    """
     from medaug import __version__
 
-    now = dt.datetime.now()
+    now = created or dt.datetime.now()
     date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S.%f")
     study_uid, series_uid, frame_uid = uids
     attributes: dict[str, Any] = {
@@ -290,13 +299,13 @@ def _series_attributes(
         attributes.update(RescaleIntercept=_ds(rescale[1]), RescaleSlope=_ds(rescale[0]))
     if window is not None:
         attributes.update(WindowCenter=_ds(window[0]), WindowWidth=_ds(window[1]))
-    attributes.update(_modality_attributes(modality))
+    attributes.update(modality_attributes(modality))
     if any(not str(value).isascii() for value in (*patient, series_description)):
         attributes["SpecificCharacterSet"] = "ISO_IR 192"  # UTF-8
     return attributes
 
 
-def _modality_attributes(modality: str) -> dict[str, Any]:
+def modality_attributes(modality: str) -> dict[str, Any]:
     """CT Image / MR Image module values; acquisition parameters medaug cannot know stay empty (type 2)."""
     if modality == "CT":
         return {"ImageType": ["DERIVED", "SECONDARY", "AXIAL"], "KVP": None, "RescaleType": "HU"}

@@ -1,4 +1,4 @@
-"""Exporters of labelled slices (DESIGN §3 "Synthetic output"): PNG, NIfTI and nnU-Net raw.
+"""Exporters of labelled slices (DESIGN §3 "Synthetic output"): PNG, NIfTI, DICOM (+ SEG) and nnU-Net raw.
 
 The synthesis engine builds one :class:`ExportSlice` per generated sample (model-space channels of its
 domain, vocabulary label map, slice affine, intensity mappings) and calls :func:`export_batch`; the
@@ -9,12 +9,14 @@ prepared dataset into an nnU-Net dataset that synthetic samples are then appende
 * :mod:`~medaug.synth.export.base`: :class:`ExportSlice`, :func:`canonical_affine`.
 * :mod:`~medaug.synth.export.png`: 16-bit or windowed 8-bit channels, label PNG, montage.
 * :mod:`~medaug.synth.export.nifti`: channels (HU int16 / MR float32 a.u.) and label with the slice affine.
+* :mod:`~medaug.synth.export.dicom`: CT/MR Image or Secondary Capture series marked synthetic, DICOM SEG.
 * :mod:`~medaug.synth.export.nnunet`: nnU-Net v2 raw, 2D, consecutive labels, appendable.
 * :mod:`~medaug.synth.export.batch`: :func:`export_batch`, threads, resume.
 """
 
 from medaug.synth.export.base import ExportError, ExportSlice, canonical_affine
 from medaug.synth.export.batch import BatchExport, export_batch
+from medaug.synth.export.dicom import DicomOptions, dicom_paths, write_dicom_sample
 from medaug.synth.export.nifti import NiftiOptions, write_nifti_sample
 from medaug.synth.export.nnunet import (
     NnunetDataset,
@@ -27,6 +29,7 @@ from medaug.synth.export.png import PngOptions, write_montage, write_png_sample
 
 __all__ = [
     "BatchExport",
+    "DicomOptions",
     "ExportError",
     "ExportSlice",
     "NiftiOptions",
@@ -35,9 +38,11 @@ __all__ = [
     "NnunetLabels",
     "PngOptions",
     "canonical_affine",
+    "dicom_paths",
     "export_batch",
     "export_prepared_to_nnunet",
     "open_nnunet_dataset",
+    "write_dicom_sample",
     "write_montage",
     "write_nifti_sample",
     "write_png_sample",

@@ -55,6 +55,9 @@ class ExportSlice:
         annotated: vocabulary names the label map annotates at all; None means every structure an
             exporter asks for (a synthetic mask is decoded over the model's whole structure table).
         synthetic: False for real slices (the nnU-Net exporter of a prepared dataset).
+        series_key: file-name safe; samples with the same domain and series key form one DICOM series
+            (the engine sets the batch id); "" makes the sample a series of its own.
+        instance_number: the DICOM InstanceNumber inside the series, ≥ 1 (the engine sets batch position + 1).
     """
 
     sample_id: str
@@ -67,6 +70,8 @@ class ExportSlice:
     domain: str = ""
     annotated: tuple[str, ...] | None = None
     synthetic: bool = True
+    series_key: str = ""
+    instance_number: int = 1
 
     def __post_init__(self) -> None:
         where = f"sample {self.sample_id!r}"
@@ -81,6 +86,7 @@ class ExportSlice:
         set_field(self, "structures", tuple(self.structures))
         if self.annotated is not None:
             set_field(self, "annotated", tuple(self.annotated))
+        _check_series(self.series_key, self.instance_number, where)
 
     @property
     def spacing_mm(self) -> np.ndarray:
@@ -95,6 +101,14 @@ class ExportSlice:
         source_HW *= mapping.scale
         source_HW += mapping.offset
         return source_HW
+
+
+def _check_series(series_key: str, instance_number: int, where: str) -> None:
+    if not isinstance(series_key, str) or (series_key and not NAME_PATTERN.match(series_key)):
+        raise ExportError(where, f"series_key {series_key!r} is not file-name safe; expected letters, digits, "
+                          "'.', '_', '-' or ''")
+    if isinstance(instance_number, bool) or not isinstance(instance_number, (int, np.integer)) or instance_number < 1:
+        raise ExportError(where, f"instance_number {instance_number!r}; expected an integer ≥ 1")
 
 
 def _checked_channels(channels: Sequence[str], where: str) -> tuple[str, ...]:

@@ -1,8 +1,8 @@
 """Export a batch of samples in several formats at once, skipping what a previous run finished.
 
-Folders under ``out_dir``: ``png/`` (:mod:`~medaug.synth.export.png`) and ``nifti/``
-(:mod:`~medaug.synth.export.nifti`); the ``nnunet`` format writes into an open
-:class:`~medaug.synth.export.nnunet.NnunetDataset` wherever that lives.
+Folders under ``out_dir``: ``png/`` (:mod:`~medaug.synth.export.png`), ``nifti/``
+(:mod:`~medaug.synth.export.nifti`) and ``dicom/`` (:mod:`~medaug.synth.export.dicom`); the ``nnunet``
+format writes into an open :class:`~medaug.synth.export.nnunet.NnunetDataset` wherever that lives.
 
 Resume: every file is written under a temporary name and renamed, so a file that exists is complete. A
 sample whose files of a format all exist is not written again in that format; a sample complete in every
@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from medaug.synth.export.base import ExportError, ExportSlice
+from medaug.synth.export.dicom import DicomOptions, dicom_paths, write_dicom_sample
 from medaug.synth.export.nifti import NiftiOptions, nifti_paths, write_nifti_sample
 from medaug.synth.export.png import PngOptions, png_paths, write_png_sample
 
@@ -30,8 +31,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("png", "nifti", "nnunet")
-PNG_DIR, NIFTI_DIR = "png", "nifti"
+FORMATS = ("png", "nifti", "dicom", "nnunet")
+PNG_DIR, NIFTI_DIR, DICOM_DIR = "png", "nifti", "dicom"
+OUT_DIR_FORMATS = {"png", "nifti", "dicom"}
 
 
 @dataclass
@@ -59,16 +61,17 @@ class _Format:
 
 def export_batch(samples: Sequence[ExportSlice], out_dir: str | Path | None = None,
                  formats: Sequence[str] = ("png", "nifti"), *, png: PngOptions = PngOptions(),
-                 nifti: NiftiOptions = NiftiOptions(), nnunet: NnunetDataset | None = None,
-                 workers: int = 2) -> BatchExport:
-    """Write ``samples`` in ``formats`` (``png``, ``nifti``, ``nnunet``); returns the paths per sample.
+                 nifti: NiftiOptions = NiftiOptions(), dicom: DicomOptions | None = None,
+                 nnunet: NnunetDataset | None = None, workers: int = 2) -> BatchExport:
+    """Write ``samples`` in ``formats`` (``png``, ``nifti``, ``dicom``, ``nnunet``); returns the paths per sample.
 
-    ``out_dir`` holds the ``png/`` and ``nifti/`` folders; ``nnunet`` is the dataset the ``nnunet`` format
-    adds cases to (its ``dataset.json`` is rewritten at the end). Files that exist are kept (module
-    docstring). Raises :class:`ExportError` for an unknown format, a missing ``out_dir``/``nnunet``, or a
-    sample id given twice.
+    ``out_dir`` holds the ``png/``, ``nifti/`` and ``dicom/`` folders; ``dicom`` says what the DICOM files
+    record (model, hash, run) and is required by the ``dicom`` format; ``nnunet`` is the dataset the
+    ``nnunet`` format adds cases to (its ``dataset.json`` is rewritten at the end). Files that exist are
+    kept (module docstring). Raises :class:`ExportError` for an unknown format, a missing
+    ``out_dir``/``dicom``/``nnunet``, or a sample id given twice.
     """
-    writers = _formats(formats, out_dir, png, nifti, nnunet)
+    writers = _formats(formats, out_dir, png, nifti, dicom, nnunet)
     ids = [sample.sample_id for sample in samples]
     if len(set(ids)) != len(ids):
         raise ExportError("export batch", "a sample id occurs twice; expected distinct sample ids")
@@ -88,12 +91,14 @@ def export_batch(samples: Sequence[ExportSlice], out_dir: str | Path | None = No
 
 
 def _formats(formats: Sequence[str], out_dir: str | Path | None, png: PngOptions, nifti: NiftiOptions,
-             nnunet: NnunetDataset | None) -> list[_Format]:
+             dicom: DicomOptions | None, nnunet: NnunetDataset | None) -> list[_Format]:
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown or not formats:
         raise ExportError("formats", f"{list(formats)}; expected one or more of {', '.join(FORMATS)}")
-    if out_dir is None and {"png", "nifti"} & set(formats):
-        raise ExportError("out_dir", "is missing; expected the folder for the png/ and nifti/ files")
+    if out_dir is None and OUT_DIR_FORMATS & set(formats):
+        raise ExportError("out_dir", "is missing; expected the folder for the png/, nifti/ and dicom/ files")
+    if "dicom" in formats and dicom is None:
+        raise ExportError("dicom", "format dicom needs DicomOptions (model name, model sha256, run uid)")
     if "nnunet" in formats and nnunet is None:
         raise ExportError("nnunet", "format nnunet needs an open dataset (open_nnunet_dataset)")
     writers = []
@@ -105,6 +110,10 @@ def _formats(formats: Sequence[str], out_dir: str | Path | None, png: PngOptions
         nifti_dir = Path(out_dir) / NIFTI_DIR
         writers.append(_Format(lambda s: nifti_paths(s.sample_id, s.channels, nifti_dir, nifti.suffix),
                                lambda s: write_nifti_sample(s, nifti_dir, nifti)))
+    if "dicom" in formats:
+        dicom_dir = Path(out_dir) / DICOM_DIR
+        writers.append(_Format(lambda s: dicom_paths(s, dicom_dir, dicom),
+                               lambda s: write_dicom_sample(s, dicom_dir, dicom)))
     if "nnunet" in formats:
         writers.append(_Format(lambda s: nnunet.case_paths(nnunet.case_id(s)), nnunet.add))
     return writers

@@ -1,0 +1,496 @@
+"""Benchmark: the fast sampler and decoder of ``medaug synthesize`` on one GPU (issue 9, DESIGN.md §5).
+
+Random weights (VAR init, random tokenizer): speed does not depend on what the weights learned, but
+the numbers are not those of a trained model's token distribution (random VAR logits are nearly flat,
+so top-p 0.96 keeps most of the top-900). Shapes are the real ones: VAR d16/d30 presets on the 256²
+tokenizer (4096 codes × 32, scales 1..16, 680 tokens), the ``tokenizer-256`` decoder with 2 image
+channels and 20 structures (23 output channels), cfg 1.5, top-k 900, top-p 0.96.
+
+Two parts run as two processes, one per GPU of the lent 2-GPU machine (``benchmarks/gpu_sample.sh``):
+
+* ``--part a`` (d16): the matmul and copy ceilings; correctness on the GPU (float32 fast vs basic
+  tokens; bf16 guided logits vs float32 teacher-forced logits; graph vs eager tokens; cuBLASLt GELU;
+  bf16 decoder vs float32); decoder variants at batch 256; d16 sampling at batch 1, 16, 64, 256 with
+  image+mask decode (fast, plus the basic sampler and eager ablations as references).
+* ``--part b`` (d30): ceilings, d30 sampling at batch 1, 16, 64, 256 with peak memory, the filter alone.
+
+Images/s count tokens + decode to image (float32, clamped) + label (annotated argmax), on the device.
+Utilisation = FLOPs per image × images/s / 790 TFLOP/s (DESIGN §5's bf16 rate; the measured matmul
+rate of the same run is reported too): transformer FLOPs = flops_per_token(inference) × 680 × 2
+(guidance), decoder FLOPs counted by torch's FlopCounterMode. Every section writes the JSON so far,
+so a run cut by its time limit still reports. ``--smoke`` runs tiny models (CPU check of the script).
+
+    python benchmarks/sample.py --part a --json-out $OUT/sample-a.json
+    python benchmarks/sample.py --smoke --part a          # on the CPU, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import common  # noqa: E402
+
+from medaug.models.quant import QuantizerConfig  # noqa: E402
+from medaug.models.sampling import (  # noqa: E402
+    FastSampler,
+    draw_tokens,
+    filter_probs,
+    generators_from_seeds,
+    guidance_ramp,
+    sample_memory_bytes,
+    sample_tokens,
+)
+from medaug.models.var import VAR, var_preset  # noqa: E402
+from medaug.models.vqvae import VQVAE, CodeUpsampler, FastDecoder, VQVAEConfig, logits_to_label  # noqa: E402
+
+BF16_RATE = 790e12
+SETTINGS = dict(cfg=1.5, top_k=900, top_p=0.96, temperature=1.0)
+DOMAINS, STRUCTURES, IMAGE_CHANNELS = 4, 20, 2
+START = time.perf_counter()
+
+
+class Report:
+    """The JSON report, rewritten after every section."""
+
+    def __init__(self, path: Path | None, device: torch.device, **fields: Any):
+        self.path, self.device, self.data = path, device, dict(fields)
+
+    def put(self, key: str, value: Any) -> None:
+        self.data[key] = value
+        print(f"[{time.perf_counter() - START:6.1f}s] {key}: {json.dumps(value)[:600]}", flush=True)
+        if self.path:
+            self.path.write_text(json.dumps(self.data, indent=2))
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(function: Callable[[], Any], device: torch.device, reps: int) -> float:
+    """Median seconds of ``reps`` synchronised calls (after the caller's warm-up)."""
+    seconds = []
+    for _ in range(reps):
+        sync(device)
+        start = time.perf_counter()
+        function()
+        sync(device)
+        seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds)
+
+
+def left(deadline: float) -> float:
+    return deadline - (time.perf_counter() - START)
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gb(device: torch.device) -> dict[str, float]:
+    if device.type != "cuda":
+        return {}
+    return {"peak_allocated_gb": round(torch.cuda.max_memory_allocated(device) / 1e9, 2),
+            "peak_reserved_gb": round(torch.cuda.max_memory_reserved(device) / 1e9, 2)}
+
+
+def free_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------- models and inputs
+def build_models(preset: str, device: torch.device, smoke: bool) -> tuple[VAR, VQVAE]:
+    """Random-weight VAR (float32) and paired tokenizer on ``device``."""
+    torch.manual_seed(0)
+    if smoke:
+        sides = (1, 2, 3, 4)
+        quantizer = QuantizerConfig(codebook_size=64, latent_dim=8, patch_sides=sides)
+        vq_config = VQVAEConfig(image_size=64, image_channels=IMAGE_CHANNELS, num_structures=STRUCTURES,
+                                base_channels=16, quantizer=quantizer)
+        var_config = var_preset("tiny", depth=2 if preset == "d16" else 3, width=64, heads=4, patch_sides=sides,
+                                codebook_size=64, latent_dim=8, num_domains=DOMAINS, num_structures=STRUCTURES)
+    else:
+        vq_config = VQVAEConfig(image_size=256, image_channels=IMAGE_CHANNELS, num_structures=STRUCTURES)
+        var_config = var_preset(preset, num_domains=DOMAINS, num_structures=STRUCTURES)
+    with torch.device(device):
+        var = VAR(var_config).eval()
+        vqvae = VQVAE(vq_config).eval()
+    return var, vqvae
+
+
+def conditions(batch: int, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    domain_B = torch.randint(DOMAINS, (batch,), generator=generator)
+    present_BS = torch.rand(batch, STRUCTURES, generator=generator) < 0.3
+    annotated_BS = present_BS | (torch.rand(batch, STRUCTURES, generator=generator) < 0.2)
+    return domain_B.to(device), present_BS.to(device), annotated_BS.to(device)
+
+
+def run_fast(sampler: FastSampler, decoder: FastDecoder | None, quantizer, condition, seeds) -> Any:
+    """Tokens, and with a decoder: image float32 in [-1, 1] + annotated label, all on the device."""
+    indices = sampler.sample_tokens(*condition, generators=generators_from_seeds(seeds, sampler.device), **SETTINGS)
+    if decoder is None:
+        return indices
+    return decoder.indices_to_img(quantizer, indices, condition[2])
+
+
+def run_basic(var: VAR, vqvae: VQVAE, condition, seeds, device: torch.device, decode: bool) -> Any:
+    """The basic sampler (and VQVAE.decode) under bf16 autocast with float32 weights."""
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        indices = sample_tokens(var, vqvae.quantizer, *condition, generators=generators_from_seeds(seeds, device),
+                                **SETTINGS)
+        if not decode:
+            return indices
+        image_BCHW, logits_BKHW = vqvae.decode(vqvae.quantizer.indices_to_features(indices))
+    return image_BCHW.float().clamp(-1, 1), logits_to_label(logits_BKHW, condition[2])
+
+
+# ---------------------------------------------------------------- ceilings
+def ceilings(device: torch.device, smoke: bool) -> dict[str, Any]:
+    """Measured bf16 matmul rate (8192³, random data) and device-to-device copy bandwidth."""
+    if device.type != "cuda":
+        return {}
+    size = 2048 if smoke else 8192
+    a, b = (torch.randn(size, size, device=device, dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    seconds = timed(lambda: a @ b, device, 10)
+    source = torch.randn(1 << 30, device=device, dtype=torch.float32 if not smoke else torch.float16)
+    target = torch.empty_like(source)
+    target.copy_(source)
+    copy_s = timed(lambda: target.copy_(source), device, 10)
+    del a, b, source, target
+    free_memory(device)
+    return {"matmul_bf16_tflops": round(2 * size**3 / seconds / 1e12, 1),
+            "copy_tb_per_s": round(2 * (1 << 30) * 4 / copy_s / 1e12, 2)}
+
+
+# ---------------------------------------------------------------- correctness
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-30))
+
+
+def teacher_guided(var: VAR, quantizer, indices, condition, cfg: float) -> list[torch.Tensor]:
+    """Guided logits per scale from the teacher-forced forward (independent of the sampler code)."""
+    config, batch = var.config, condition[0].shape[0]
+    x_BLC = quantizer.indices_to_teacher_inputs(indices)
+    cond_BLV = var(x_BLC, *condition, torch.zeros(batch, dtype=torch.bool, device=x_BLC.device))
+    uncond_BLV = var(x_BLC, *condition, torch.ones(batch, dtype=torch.bool, device=x_BLC.device))
+    out = []
+    for k, t in enumerate(guidance_ramp(cfg, config.num_scales)):
+        s, e = config.scale_starts[k], config.scale_starts[k] + config.tokens_per_scale[k]
+        out.append((1 + t) * cond_BLV[:, s:e].float() - t * uncond_BLV[:, s:e].float())
+    return out
+
+
+@torch.no_grad()
+def correctness(var: VAR, vqvae: VQVAE, decoder: FastDecoder, device: torch.device) -> dict[str, Any]:
+    """float32 fast == basic tokens; bf16 logits vs float32; graph == eager; GELU epilogue; decoder."""
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    quantizer, batch, result = vqvae.quantizer, 8, {}
+    condition, seeds = conditions(batch, device, seed=1), list(range(100, 100 + batch))
+    generators = lambda: generators_from_seeds(seeds, device)  # noqa: E731
+    basic32 = sample_tokens(var, quantizer, *condition, generators=generators(), **SETTINGS)
+    fast32 = FastSampler(var, quantizer, dtype=torch.float32, compile=False, cuda_graphs=False)
+    tokens32 = fast32.sample_tokens(*condition, generators=generators(), **SETTINGS)
+    result["fp32_fast_vs_basic_token_agreement"] = token_agreement(quantizer, tokens32, basic32)
+    reference = teacher_guided(var, quantizer, basic32, condition, SETTINGS["cfg"])
+    result["fp32_fast_logits_rel_err_max"] = max(map(rel, fast32.guided_scale_logits(basic32, *condition), reference))
+    del fast32
+    bf16 = FastSampler(var, quantizer)  # a bf16 copy, compiled, graphs
+    result["bf16_fast_logits_rel_err_per_scale"] = [round(rel(a, b), 5) for a, b in zip(
+        bf16.guided_scale_logits(basic32, *condition), reference)]
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        autocast_ref = teacher_guided(var, quantizer, basic32, condition, SETTINGS["cfg"])
+    result["bf16_autocast_teacher_logits_rel_err_per_scale"] = [round(rel(a, b), 5)
+                                                                for a, b in zip(autocast_ref, reference)]
+    graph = bf16.sample_tokens(*condition, generators=generators(), **SETTINGS)
+    eager = bf16.sample_tokens(*condition, generators=generators(), max_batch=batch, **SETTINGS) \
+        if not bf16.cuda_graphs else _eager_tokens(bf16, condition, generators())
+    result["bf16_graph_vs_eager_token_agreement"] = token_agreement(quantizer, graph, eager)
+    result["bf16_fast_vs_fp32_basic_token_agreement_scale0"] = float((graph[0] == basic32[0]).float().mean())
+    result["gelu_epilogue"] = gelu_check(device)
+    upsampler = CodeUpsampler(quantizer, device)
+    result["code_upsampler_features_rel_err"] = rel(upsampler.features(basic32), quantizer.indices_to_features(basic32))
+    result.update(decoder_check(vqvae, decoder, quantizer, basic32, condition[2]))
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    return result
+
+
+def _eager_tokens(sampler: FastSampler, condition, generators) -> list[torch.Tensor]:
+    sampler.cuda_graphs = False
+    try:
+        return sampler.sample_tokens(*condition, generators=generators, **SETTINGS)
+    finally:
+        sampler.cuda_graphs = True
+
+
+def token_agreement(quantizer, a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return float((quantizer.indices_to_tokens(a) == quantizer.indices_to_tokens(b)).float().mean())
+
+
+def gelu_check(device: torch.device) -> dict[str, float]:
+    """torch._addmm_activation(use_gelu=True) against tanh- and erf-GELU in float32 (max abs difference)."""
+    generator = torch.Generator().manual_seed(0)
+    x, w, b = (torch.randn(*shape, generator=generator).to(device) for shape in ((4096, 256), (512, 256), (512,)))
+    fused = torch._addmm_activation(b, x, w.t(), use_gelu=True)
+    plain = torch.nn.functional.linear(x, w, b)
+    return {"vs_tanh": float((fused - torch.nn.functional.gelu(plain, approximate="tanh")).abs().max()),
+            "vs_erf": float((fused - torch.nn.functional.gelu(plain)).abs().max())}
+
+
+def decoder_check(vqvae: VQVAE, decoder: FastDecoder, quantizer, indices, annotated_BS) -> dict[str, float]:
+    """The default FastDecoder (bf16, channels-last, compiled on CUDA) against float32 VQVAE.decode."""
+    image_ref, logits_ref = vqvae.decode(quantizer.indices_to_features(indices))
+    label_ref = logits_to_label(logits_ref, annotated_BS)
+    image, label = decoder.indices_to_img(quantizer, indices, annotated_BS)
+    return {"decoder_bf16_image_rel_err": rel(image, image_ref.clamp(-1, 1)),
+            "decoder_bf16_label_agreement": float((label == label_ref).float().mean())}
+
+
+# ---------------------------------------------------------------- decoder
+@torch.no_grad()
+def decoder_variants(vqvae: VQVAE, default: FastDecoder, device: torch.device, batch: int, reps: int
+                     ) -> dict[str, Any]:
+    """Decoder alone (f_hat → image + logits) at ``batch``: autocast, bf16 eager NCHW/NHWC, compiled NHWC.
+
+    A compiled NCHW variant is left out: inductor's layout optimisation runs convolutions channels-last
+    on CUDA whatever the input layout, and each compile costs about a minute of the device call.
+    """
+    generator = torch.Generator().manual_seed(3)
+    sides = vqvae.quantizer.patch_sides
+    indices = [torch.randint(vqvae.quantizer.config.codebook_size, (batch, s, s), generator=generator).to(device)
+               for s in sides]
+    f_hat_BCHW = vqvae.quantizer.indices_to_features(indices)
+    result = {"batch": batch, "flops_per_image": decoder_flops(vqvae, f_hat_BCHW[:1])}
+
+    def autocast_decode():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            return vqvae.decode(f_hat_BCHW)
+
+    variants = {"autocast_fp32_weights": autocast_decode}
+    for name, options in (("bf16_nchw_eager", dict(channels_last=False, compile=False)),
+                          ("bf16_channels_last_eager", dict(channels_last=True, compile=False)),
+                          ("bf16_channels_last_compiled_unfolded", dict(fold_upsample=False))):
+        decoder = FastDecoder(vqvae, **options)
+        variants[name] = lambda d=decoder: d.decode(f_hat_BCHW)
+    variants["fast_default_" + ("compiled" if default.compiled else "eager")] = lambda: default.decode(f_hat_BCHW)
+    for name, function in variants.items():
+        start = time.perf_counter()
+        function()
+        sync(device)
+        warm_s = time.perf_counter() - start
+        seconds = timed(function, device, reps)
+        result[name] = {"images_per_s": round(batch / seconds, 1), "first_call_s": round(warm_s, 1)}
+        result[name]["utilisation"] = round(result["flops_per_image"] * batch / seconds / BF16_RATE, 3)
+    result["profile_fast_default"] = profile_top(lambda: default.decode(f_hat_BCHW), device)
+    return result
+
+
+def profile_top(function: Callable[[], Any], device: torch.device, top: int = 15) -> list[dict[str, Any]]:
+    """The ``top`` device kernels of one call by total time (torch.profiler), after a warm call."""
+    if device.type != "cuda":
+        return []
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        function()
+        sync(device)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            function()
+            sync(device)
+        rows = []
+        for event in prof.key_averages():
+            total = getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0)
+            if total > 0:
+                rows.append({"kernel": event.key[:90], "ms": round(total / 1000, 2), "calls": event.count})
+    except Exception as error:  # noqa: BLE001 (diagnostics only)
+        return [{"error": f"{type(error).__name__}: {str(error)[:200]}"}]
+    return sorted(rows, key=lambda row: -row["ms"])[:top]
+
+
+def decoder_flops(vqvae: VQVAE, f_hat_1CHW: torch.Tensor) -> int:
+    """FLOPs of one image's decode (post-quant conv + decoder), counted by FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        vqvae.decode(f_hat_1CHW)
+    return int(counter.get_total_flops())
+
+
+# ---------------------------------------------------------------- sampling
+@torch.no_grad()
+def sampling_rows(var, vqvae, decoder, device, batches, deadline, basic_batches=(), ablations=False) -> list[dict]:
+    """Images/s (tokens only and with decode), latency and peak memory per batch size."""
+    rows, quantizer = [], vqvae.quantizer
+    flops_image = var.config.flops_per_token(False) * var.config.total_tokens * 2
+    for batch in basic_batches:
+        if left(deadline) > 60:
+            rows.append(measure("basic_autocast", batch, device, flops_image,
+                                lambda c, s: run_basic(var, vqvae, c, s, device, False),
+                                lambda c, s: run_basic(var, vqvae, c, s, device, True)))
+            free_memory(device)
+    sampler = FastSampler(var, quantizer, convert_in_place=True)  # the reference above is done: bf16 in place
+    for batch in batches:
+        if left(deadline) < 25:
+            rows.append({"variant": "fast", "batch": batch, "skipped": "time limit"})
+            continue
+        estimate = sample_memory_bytes(var.config, True, SETTINGS["top_k"]) * batch
+        rows.append(measure("fast", batch, device, flops_image,
+                            lambda c, s: run_fast(sampler, None, quantizer, c, s),
+                            lambda c, s: run_fast(sampler, decoder, quantizer, c, s)))
+        rows[-1]["memory_estimate_gb"] = round(estimate / 1e9, 2)
+        if "error" in rows[-1] and "OutOfMemory" not in rows[-1]["error"] and sampler.compiled:
+            sampler = FastSampler(sampler.var, quantizer, compile=False)  # record, then go on without compile
+            rows.append({"note": "compiled sampler failed; later rows run with compile=False"})
+        rows[-1]["auto_max_batch"] = sampler.max_batch_size(sampler.settings(**SETTINGS))
+        sampler.clear_graphs()
+        free_memory(device)
+    if ablations:
+        rows += ablation_rows(sampler, decoder, quantizer, device, flops_image, deadline)
+    return rows
+
+
+def ablation_rows(sampler, decoder, quantizer, device, flops_image, deadline) -> list[dict]:
+    """Without CUDA graphs at batch 1, without torch.compile at batch 256 (same weights), one graph at 256,
+    and a kernel profile of the default at 256."""
+    rows = []
+    if left(deadline) > 60 and device.type == "cuda":
+        condition, seeds = conditions(256, device, seed=256), list(range(256))
+        rows.append({"variant": "profile_fast_tokens_256",
+                     "kernels": profile_top(lambda: run_fast(sampler, None, quantizer, condition, seeds), device)})
+        sampler.graph_max_batch = 256
+        rows.append(measure("fast_graph_256", 256, device, flops_image,
+                            lambda c, s: run_fast(sampler, None, quantizer, c, s),
+                            lambda c, s: run_fast(sampler, decoder, quantizer, c, s)))
+        sampler.graph_max_batch = 64
+        sampler.clear_graphs()
+        free_memory(device)
+    if left(deadline) > 40:
+        sampler.cuda_graphs = False
+        rows.append(measure("fast_no_graphs", 1, device, flops_image,
+                            lambda c, s: run_fast(sampler, None, quantizer, c, s),
+                            lambda c, s: run_fast(sampler, decoder, quantizer, c, s)))
+        sampler.cuda_graphs = True
+    if left(deadline) > 40:
+        eager = FastSampler(sampler.var, quantizer, compile=False, cuda_graphs=False)
+        batch = 256 if device.type == "cuda" else 4
+        rows.append(measure("fast_no_compile", batch, device, flops_image,
+                            lambda c, s: run_fast(eager, None, quantizer, c, s), None))
+    free_memory(device)
+    return rows
+
+
+def measure(variant: str, batch: int, device, flops_image: float, tokens_fn, full_fn) -> dict[str, Any]:
+    """Warm-up (compile, graph capture) then timed calls of tokens-only and tokens+decode."""
+    condition, seeds = conditions(batch, device, seed=batch), list(range(batch))
+    reps = 10 if batch <= 16 else 5 if batch <= 64 else 3
+    try:
+        start = time.perf_counter()
+        tokens_fn(condition, seeds)
+        sync(device)
+        row = {"variant": variant, "batch": batch, "first_call_s": round(time.perf_counter() - start, 1)}
+        tokens_s = timed(lambda: tokens_fn(condition, seeds), device, reps)
+        row.update(tokens_images_per_s=round(batch / tokens_s, 1), tokens_ms=round(1000 * tokens_s, 2),
+                   transformer_utilisation=round(flops_image * batch / tokens_s / BF16_RATE, 3))
+        if full_fn is not None:
+            full_fn(condition, seeds)
+            reset_peak(device)
+            full_s = timed(lambda: full_fn(condition, seeds), device, reps)
+            row.update(images_per_s=round(batch / full_s, 1), ms=round(1000 * full_s, 2), **peak_gb(device))
+    except Exception as error:  # noqa: BLE001 (a benchmark row records the failure and the run goes on)
+        traceback.print_exc()
+        row = {"variant": variant, "batch": batch, "error": f"{type(error).__name__}: {str(error)[:300]}"}
+    return row
+
+
+@torch.no_grad()
+def filter_alone(device: torch.device, rows: int, vocab: int) -> dict[str, Any]:
+    """filter_probs + draw_tokens on (rows, vocab) float32 logits (the last scale of d16 at batch 256)."""
+    logits = torch.randn(rows, vocab, device=device) * 0.05
+    uniform = torch.rand(rows, device=device)
+
+    def run():
+        probs, index = filter_probs(logits, SETTINGS["top_k"], SETTINGS["top_p"])
+        return draw_tokens(probs, index, uniform)
+
+    run()
+    result = {"rows": rows, "filter_and_draw_ms": round(1000 * timed(run, device, 5), 2)}
+    result["topk_only_ms"] = round(1000 * timed(lambda: torch.topk(logits, SETTINGS["top_k"], dim=-1), device, 5), 2)
+    result["sort_only_ms"] = round(1000 * timed(lambda: torch.sort(logits, dim=-1, descending=True), device, 5), 2)
+    return result
+
+
+# ---------------------------------------------------------------- parts
+def guarded(report: Report, key: str, function: Callable[[], Any]) -> None:
+    """Run one section; a failure is recorded under ``key`` and the next section still runs."""
+    try:
+        report.put(key, function())
+    except Exception as error:  # noqa: BLE001
+        traceback.print_exc()
+        report.put(key, {"error": f"{type(error).__name__}: {str(error)[:500]}"})
+    free_memory(report.device)
+
+
+def part_a(report: Report, device: torch.device, smoke: bool, deadline: float) -> None:
+    guarded(report, "ceilings", lambda: ceilings(device, smoke))
+    var, vqvae = build_models("d16", device, smoke)
+    decoder = FastDecoder(vqvae)
+    guarded(report, "correctness_d16", lambda: correctness(var, vqvae, decoder, device))
+    batch = 256 if not smoke else 4
+    guarded(report, "decoder_alone", lambda: decoder_variants(vqvae, decoder, device, batch, 5 if not smoke else 1))
+    batches = (1, 16, 64, 256) if not smoke else (1, 2, 4)
+    basic = (1, 256) if not smoke else (1,)
+    guarded(report, "sampling_d16",
+            lambda: sampling_rows(var, vqvae, decoder, device, batches, deadline, basic, ablations=True))
+
+
+def part_b(report: Report, device: torch.device, smoke: bool, deadline: float) -> None:
+    guarded(report, "ceilings", lambda: ceilings(device, smoke))
+    guarded(report, "filter_alone", lambda: filter_alone(device, 65536 if not smoke else 256, 4096))
+    var, vqvae = build_models("d30", device, smoke)
+    batches = (256, 1, 16, 64) if not smoke else (4, 1)
+    guarded(report, "sampling_d30", lambda: sampling_rows(var, vqvae, FastDecoder(vqvae), device, batches, deadline))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=("a", "b"), required=True)
+    parser.add_argument("--smoke", action="store_true", help="tiny models (checks the script on the CPU)")
+    parser.add_argument("--deadline-s", type=float, default=480.0, help="skip what would not finish by then")
+    parser.add_argument("--json-out", type=Path, default=None)
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "none"
+    report = Report(args.json_out, device, benchmark="sample", part=args.part,
+                    weights="random (VAR init, random tokenizer)",
+                    settings=SETTINGS, machine=common.machine(gpu=gpu, torch=torch.__version__,
+                                                              python=platform.python_version()),
+                    commit=os.environ.get("MEDAUG_COMMIT") or common.commit()["commit"])
+    (part_a if args.part == "a" else part_b)(report, device, args.smoke, args.deadline_s)
+    report.put("wall_s", round(time.perf_counter() - START, 1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,223 @@
+"""The synthesis engine: a loaded generator that turns planned samples into labelled slices.
+
+:class:`SynthGenerator` wraps a trained generator run (``medaug train var``/``all``): the transformer, its
+tokenizer, the condition bank, the domains and the structure table. :meth:`SynthGenerator.generate` samples
+a batch of :class:`~medaug.synth.plan.PlannedSample` (each with its own seed, so a sample depends on its
+seed and condition only) and decodes image channels plus mask. The mask is the argmax over background and
+the sample's annotated structures (the structures its condition says the source labels; every structure for
+unconditional samples), as the tokenizer's evaluation decodes, then mapped to vocabulary ids.
+
+Precision: float32 on the CPU; on CUDA bf16 by default (``dtype="bfloat16"``: the fast path's bf16 weights, or
+autocast on the basic path), float32 on request.
+The manifest records both, with the device and the batch composition (DESIGN §3): :func:`regenerate` re-runs
+a manifest row's whole batch with those settings, which reproduces the row exactly on the same machine and
+software (a batch of a different size may round differently in float matmuls).
+
+Export geometry and units (no real position exists for a synthetic slice): the domain's in-plane spacing,
+its slicing plane (``auto`` → axial) and :func:`~medaug.synth.export.canonical_affine`; CT channels return
+to HU through the domain's window, MR channels to a fixed arbitrary-unit scale (model -1 → 0, +1 → 1000 a.u.,
+``medaug.synth.layout.MR_EXPORT_RANGE``), since MR intensities are normalized per volume and have no
+absolute scale to return to.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from medaug.data.structures import StructureTable
+from medaug.errors import ConfigError
+from medaug.synth.layout import MR_EXPORT_RANGE
+from medaug.synth.plan import PlannedSample, SamplingSettings
+from medaug.train.condition_bank import ConditionBank
+
+log = logging.getLogger(__name__)
+
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclass
+class GeneratedBatch:
+    """``image_BCHW`` float32 model space (B, C_max, H, W); ``label_BHW`` uint8 vocabulary ids;
+    ``present``: per sample, the vocabulary names with >= 1 pixel, and ``pixels`` their counts."""
+
+    image_BCHW: np.ndarray
+    label_BHW: np.ndarray
+    present: list[list[str]]
+    pixels: list[list[int]]
+
+
+class SynthGenerator:
+    """A trained generator, ready to sample (module docstring).
+
+    ``run``: a VAR run folder or one of its checkpoint folders. ``device``: ``cpu``, ``cuda``, ``cuda:1``...
+    ``dtype``: "float32" or "bfloat16" (autocast of sampling and decoding; bf16 only on CUDA by default).
+    ``weights``: "auto" (EMA when present), "ema" or "model".
+    """
+
+    def __init__(self, run: str | Path, device: str | torch.device = "cpu", dtype: str | None = None,
+                 weights: str = "auto", fast: bool | None = None):
+        from medaug.train.var_task import load_generator
+
+        self.device = torch.device(device)
+        self.dtype = dtype or ("bfloat16" if self.device.type == "cuda" else "float32")
+        if self.dtype not in DTYPES:
+            raise ConfigError("--dtype", f"is {self.dtype!r}; expected one of {', '.join(DTYPES)}")
+        self.var, self.vqvae, self.meta = load_generator(run, self.device, weights)
+        self.bank = ConditionBank.from_json(self.meta["condition_bank"])
+        self.table = StructureTable.from_records(self.meta["structure_table"])
+        self.domains: dict[str, Any] = self.meta["domains"]
+        self.domain_names: tuple[str, ...] = tuple(self.meta["domain_names"])
+        self.checkpoint = Path(self.meta["loaded_weights"]["checkpoint"])
+        self.sha256: str = self.meta["loaded_weights"]["sha256"]
+        self.size = int(self.meta["image_size"])
+        self._lut = self.table.local_to_vocab_lut()
+        # the fast path (bf16 weights, compiled steps, CUDA graphs) is the bf16 path on a GPU
+        self.fast = (self.device.type == "cuda" and self.dtype == "bfloat16") if fast is None else fast
+        self._fast_sampler: Any = None
+        self._fast_decoder: Any = None
+
+    @property
+    def run_dir(self) -> Path:
+        """The run folder (the checkpoint's grandparent: ``RUN/checkpoints/step_N``)."""
+        return self.checkpoint.parents[1]
+
+    @property
+    def device_label(self) -> str:
+        """``cpu`` or ``cuda (<GPU name>)``, for the manifest."""
+        if self.device.type == "cuda":
+            return f"cuda ({torch.cuda.get_device_name(self.device)})"
+        return self.device.type
+
+    def reconstruction_quality(self) -> dict[str, float | None]:
+        """Tokenizer reconstruction Dice per structure name (None where never measured)."""
+        import json
+
+        tokenizer_meta = self.run_dir / self.meta["tokenizer"]["path"] / "meta.json"
+        records = json.loads(tokenizer_meta.read_text()).get("structure_table", [])
+        return {r["name"]: (r.get("reconstruction") or {}).get("dice") for r in records}
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype == "bfloat16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def condition_tensors(self, samples: Sequence[PlannedSample]) -> tuple[torch.Tensor, ...]:
+        """(domain_B, present_BS, annotated_BS, drop_B, decode_BS) on the CPU; ``decode_BS`` is the set the
+        mask argmax runs over (the annotated set; everything for unconditional samples)."""
+        size = (len(samples), self.table.num_structures)
+        present_BS, annotated_BS = torch.zeros(size, dtype=torch.bool), torch.zeros(size, dtype=torch.bool)
+        for b, sample in enumerate(samples):
+            present_BS[b, [s - 1 for s in sample.present]] = True
+            annotated_BS[b, [s - 1 for s in sample.annotated]] = True
+        domain_B = torch.tensor([s.domain_index for s in samples], dtype=torch.long)
+        drop_B = torch.tensor([s.unconditional for s in samples], dtype=torch.bool)
+        decode_BS = annotated_BS | drop_B[:, None]
+        return domain_B, present_BS, annotated_BS, drop_B, decode_BS
+
+    @torch.no_grad()
+    def generate(self, samples: Sequence[PlannedSample], settings: SamplingSettings) -> GeneratedBatch:
+        """Sample and decode ``samples`` as one batch (module docstring).
+
+        With ``fast`` (default on a GPU in bf16) the batch runs through
+        :class:`~medaug.models.sampling.FastSampler` and :class:`~medaug.models.vqvae.FastDecoder` (bf16
+        weights, compiled per-scale steps, CUDA graphs); unconditional samples, which that path does not
+        take, and the CPU use the basic sampler (on the CPU both give the same tokens, tested).
+        """
+        from medaug.models.sampling import generators_from_seeds
+
+        domain_B, present_BS, annotated_BS, drop_B, decode_BS = self.condition_tensors(samples)
+        device = self.device
+        generators = generators_from_seeds([s.seed for s in samples], device)
+        if self.fast and not bool(drop_B.any()):
+            sampler, decoder = self._fast_path()
+            indices = sampler.sample_tokens(domain_B.to(device), present_BS.to(device), annotated_BS.to(device),
+                                            generators=generators, cfg=settings.cfg, top_k=settings.top_k,
+                                            top_p=settings.top_p, temperature=settings.temperature)
+            image_BCHW, label_BHW = decoder.indices_to_img(self.vqvae.quantizer, indices, decode_BS.to(device))
+        else:
+            image_BCHW, label_BHW = self._basic(domain_B, present_BS, annotated_BS, drop_B, decode_BS, generators,
+                                                settings)
+        label_BHW = self._lut[label_BHW.cpu().numpy().clip(0, 255)]
+        image_BCHW = image_BCHW.float().clamp(-1.0, 1.0).cpu().numpy()
+        present, pixels = _present_structures(label_BHW)
+        return GeneratedBatch(np.ascontiguousarray(image_BCHW), np.ascontiguousarray(label_BHW), present, pixels)
+
+    def _basic(self, domain_B: torch.Tensor, present_BS: torch.Tensor, annotated_BS: torch.Tensor,
+               drop_B: torch.Tensor, decode_BS: torch.Tensor, generators: list[torch.Generator],
+               settings: SamplingSettings) -> tuple[torch.Tensor, torch.Tensor]:
+        """The basic sampler + ``VQVAE.decode`` (under autocast when bf16): image, model-local label."""
+        from medaug.models.sampling import sample_tokens
+        from medaug.train.tokenizer_eval import annotated_argmax
+
+        device = self.device
+        with self.autocast():
+            indices = sample_tokens(self.var, self.vqvae.quantizer, domain_B.to(device), present_BS.to(device),
+                                    annotated_BS.to(device), generators=generators, cfg=settings.cfg,
+                                    top_k=settings.top_k, top_p=settings.top_p, temperature=settings.temperature,
+                                    drop_B=drop_B.to(device))
+            image_BCHW, logits_BKHW = self.vqvae.decode(self.vqvae.quantizer.indices_to_features(indices))
+        return image_BCHW, annotated_argmax(logits_BKHW.float().cpu(), decode_BS)
+
+    def _fast_path(self) -> tuple[Any, Any]:
+        """The fast sampler and decoder of this generator, built on first use (compiles on CUDA)."""
+        from medaug.models.sampling import FastSampler
+        from medaug.models.vqvae import FastDecoder
+
+        if self._fast_sampler is None:
+            self._fast_sampler = FastSampler(self.var, self.vqvae.quantizer)
+            self._fast_decoder = FastDecoder(self.vqvae)
+        return self._fast_sampler, self._fast_decoder
+
+
+def _present_structures(label_BHW: np.ndarray) -> tuple[list[list[str]], list[list[int]]]:
+    """Per sample, vocabulary names with >= 1 pixel (in id order) and their pixel counts."""
+    from medaug import vocab
+
+    present, pixels = [], []
+    for label_HW in label_BHW:
+        counts = np.bincount(label_HW.ravel(), minlength=256)
+        ids = [i for i in np.flatnonzero(counts) if i not in (vocab.BACKGROUND, vocab.IGNORE)]
+        present.append([vocab.by_id(int(i)).name for i in ids])
+        pixels.append([int(counts[i]) for i in ids])
+    return present, pixels
+
+
+def export_intensity(domain: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per channel of ``domain`` (domains.json record), the model → source mapping exports use."""
+    from medaug.prepare.intensity import IntensityMapping
+
+    mappings = []
+    for channel in domain["channels"]:
+        spec = domain["intensity"][channel]
+        if domain["modality"].lower() == "ct":
+            low, high = spec["window_hu"]
+            mappings.append(IntensityMapping("ct_window", float(low), float(high), "HU").to_dict())
+        else:
+            percentiles = tuple(spec["percentiles"]) if spec.get("percentiles") else None
+            mappings.append(IntensityMapping("mr_percentile", *MR_EXPORT_RANGE, "a.u.", percentiles).to_dict())
+    return mappings
+
+
+def domain_plane(domain: dict[str, Any]) -> str:
+    """The domain's slicing plane; ``auto`` (the acquisition plane, varying per volume) exports as axial."""
+    plane = domain.get("plane", "auto")
+    return "axial" if plane == "auto" else plane
+
+
+def export_affine(domain: dict[str, Any], size: int) -> np.ndarray:
+    """(4, 4) pixel → RAS mm affine of a synthetic slice of ``domain`` (canonical, centred at the origin)."""
+    from medaug.synth.export.base import canonical_affine
+
+    spacing = float(domain["spacing_mm"])
+    return canonical_affine(spacing, size, domain_plane(domain), slice_thickness_mm=spacing)
+
+
+__all__ = ["DTYPES", "GeneratedBatch", "SynthGenerator", "domain_plane", "export_affine", "export_intensity"]

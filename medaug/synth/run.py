@@ -1,0 +1,453 @@
+"""``medaug synthesize``: plan → batches through the generator → exports + manifest, resumable, under torchrun.
+
+The folder it writes is described in :mod:`medaug.synth.layout`. The steps:
+
+1. Load the generator (:class:`~medaug.synth.engine.SynthGenerator`) and make the plan
+   (:func:`~medaug.synth.plan.make_plan`); ``dry_run`` stops here.
+2. Rank 0 claims the output folder: a new or empty folder gets ``synthesize.json`` (status ``running``, a fresh
+   ``run_uid``), ``plan.parquet``, ``domains.json`` and ``vocab.json``. A folder holding a run is refused unless
+   ``resume``; a resumed run must have the same plan, sampler settings, generator weights and formats (else a
+   one-line error names what differs) and keeps its ``run_uid``; a complete run is left as it is.
+3. Every rank takes the batches ``b ≡ rank (mod world_size)``, skips those whose parts file exists, and for
+   the others generates, exports every format (each file atomically; files that exist are kept), then writes
+   the batch's shards and, last, its parts file. A kill at any point loses at most the batches in flight, and
+   ``--resume`` redoes exactly those: no duplicates, no gaps.
+4. After a barrier, rank 0 assembles ``manifest.parquet`` (sorted by ``sample_index``), the montage and the
+   nnU-Net ``dataset.json`` files, computes condition adherence, and marks ``synthesize.json`` complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from medaug.config.base import to_dict
+from medaug.data.index import INDEX_SCHEMA_VERSION, read_index, write_index
+from medaug.data.shards import ShardWriter, assemble_index
+from medaug.errors import ConfigError
+from medaug.synth import layout
+from medaug.synth.engine import GeneratedBatch, SynthGenerator, domain_plane, export_affine, export_intensity
+from medaug.synth.export.base import ExportSlice
+from medaug.synth.export.nifti import NiftiOptions
+from medaug.synth.export.png import PngOptions
+from medaug.synth.plan import Plan, PlannedSample, PlanRequest, make_plan, plan_summary
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("png", "nifti", "nnunet", "dicom")
+MONTAGE_FILE = "montage.png"
+NNUNET_DIR = "nnunet"
+STATUS_RUNNING, STATUS_COMPLETE = "running", "complete"
+BODY_THRESHOLD = -0.9  # model space: a pixel with any channel above this counts as body (background is -1)
+# Settings a resumed run must share with the run it finishes.
+RESUME_KEYS = ("plan_sha256", "sampling", "generator_sha256", "formats", "dtype", "batch_size")
+
+Progress = Callable[[int, int, float], None]  # (samples done, samples planned, images per second)
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    """Which files each sample gets. ``formats``: any of png, nifti, nnunet, dicom. ``nnunet_id``: the first
+    nnU-Net dataset number (one dataset per domain: ``Dataset{id + i}_medaug_{domain}``). ``montage``: how
+    many samples the overview montage shows (0: none)."""
+
+    formats: tuple[str, ...] = ("png",)
+    png: PngOptions = field(default_factory=PngOptions)
+    nifti: NiftiOptions = field(default_factory=NiftiOptions)
+    dicom: Any = None  # medaug.synth.export.dicom.DicomOptions fields as a dict (sop, seg); None = defaults
+    nnunet_id: int = 900
+    workers: int = 2
+    montage: int = 64
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.formats) - set(FORMATS))
+        if unknown:
+            raise ConfigError("--format", f"{','.join(unknown)} unknown; expected a comma list of {', '.join(FORMATS)}")
+        if not 0 <= self.nnunet_id <= 999:
+            raise ConfigError("--nnunet-id", f"is {self.nnunet_id}; expected 0..999")
+
+
+@dataclass
+class SynthesisResult:
+    """What a call did: the summary (synthesize.json content) and this rank's counts."""
+
+    summary: dict[str, Any]
+    generated: int = 0
+    skipped_batches: int = 0
+    seconds: float = 0.0
+    stage_seconds: dict[str, float] = field(default_factory=lambda: {"generate": 0.0, "export": 0.0, "record": 0.0})
+
+
+def plan_sha256(plan: Plan) -> str:
+    """Content hash of the plan table (what ``--resume`` compares)."""
+    import hashlib
+
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, plan.to_table().schema) as writer:
+        writer.write_table(plan.to_table())
+    return hashlib.sha256(sink.getvalue().to_pybytes()).hexdigest()
+
+
+def synthesize(run: str | Path, out: str | Path, request: PlanRequest, export: ExportSettings = ExportSettings(), *,
+               device: str = "auto", dtype: str | None = None, resume: bool = False, dry_run: bool = False,
+               progress: Progress | None = None) -> SynthesisResult:
+    """Plan, generate and export ``request`` with the generator ``run`` into ``out`` (module docstring).
+
+    Works alone or under ``torchrun`` (one process per GPU, or gloo on CPUs). Returns the summary that
+    ``synthesize.json`` holds (the plan summary only for ``dry_run``).
+    """
+    from medaug.train import distributed
+
+    info = distributed.setup(device)
+    try:
+        generator = SynthGenerator(run, info.device, dtype)
+        plan = make_plan(request, generator.bank, generator.domain_names, generator.reconstruction_quality())
+        for warning in plan.warnings if info.is_rank0 else ():
+            log.warning("%s", warning)
+        if dry_run:
+            return SynthesisResult({"plan": plan_summary(plan), "dry_run": True})
+        return _run(generator, plan, Path(out), export, resume, info, progress)
+    finally:
+        distributed.teardown(info)
+
+
+def _run(generator: SynthGenerator, plan: Plan, out: Path, export: ExportSettings, resume: bool,
+         info: Any, progress: Progress | None) -> SynthesisResult:
+    from medaug.train import distributed
+
+    record = _settings_record(generator, plan, export)
+    claim: dict[str, Any] | Exception = {}
+    if info.is_rank0:
+        try:
+            claim = claim_folder(out, record, plan, generator, resume)
+        except Exception as error:  # every rank must leave the barrier below, then raise
+            claim = error
+    claims = distributed.all_gather_objects(claim if not isinstance(claim, Exception) else {"error": str(claim)})
+    if isinstance(claim, Exception):
+        raise claim
+    if "error" in claims[0]:
+        raise ConfigError(out, claims[0]["error"])
+    state = json.loads((out / layout.SYNTHESIZE_JSON).read_text())
+    if state["status"] == STATUS_COMPLETE:
+        return SynthesisResult(state, skipped_batches=plan.num_batches)
+    result = generate_batches(generator, plan, out, export, state["run_uid"], info.rank, info.world_size, progress)
+    distributed.barrier()
+    if info.is_rank0:
+        result.summary = finalize(out, plan, generator, export, state, result)
+    distributed.barrier()
+    if not info.is_rank0:
+        result.summary = json.loads((out / layout.SYNTHESIZE_JSON).read_text())
+    return result
+
+
+def _settings_record(generator: SynthGenerator, plan: Plan, export: ExportSettings) -> dict[str, Any]:
+    return {"plan_sha256": plan_sha256(plan), "sampling": to_dict(plan.request.sampling),
+            "generator_sha256": generator.sha256, "formats": sorted(export.formats), "dtype": generator.dtype,
+            "batch_size": plan.request.batch_size}
+
+
+def claim_folder(out: Path, record: dict[str, Any], plan: Plan, generator: SynthGenerator, resume: bool) -> dict[str, Any]:
+    """Rank 0: start a run in ``out`` or check that ``resume`` continues the one there (module docstring)."""
+    from medaug.train.checkpoint import write_json
+
+    state_path = out / layout.SYNTHESIZE_JSON
+    if state_path.is_file():
+        state = json.loads(state_path.read_text())
+        if not resume:
+            raise ConfigError(out, f"holds a synthesis run ({state.get('status')}); expected a new folder, or "
+                              "--resume to finish it")
+        for key in RESUME_KEYS:
+            if state["settings"].get(key) != record[key]:
+                raise ConfigError(out, f"was started with another {key} ({state['settings'].get(key)!r}, now "
+                                  f"{record[key]!r}); expected the same request to resume")
+        ShardWriter(out).cleanup_stale()
+        return state
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(out, "exists and is not empty; expected a new or empty folder for the samples")
+    out.mkdir(parents=True, exist_ok=True)
+    write_index_free_table(plan.to_table(), out / layout.PLAN_FILE)
+    write_json(out / layout.DOMAINS_FILE, generator.domains)
+    write_json(out / layout.VOCAB_FILE, generator.meta["vocabulary"])
+    state = {"format": "medaug-synthesis", "version": 1, "status": STATUS_RUNNING, "run_uid": uuid.uuid4().hex,
+             "created_at": _now(), "generator": {"run": str(generator.run_dir.resolve()),
+                                                 "checkpoint": str(generator.checkpoint.resolve()),
+                                                 "sha256": generator.sha256,
+                                                 "weights": generator.meta["loaded_weights"]["stem"]},
+             "settings": record, "plan": plan_summary(plan), "export": _export_record(plan, generator)}
+    write_json(state_path, state)
+    return state
+
+
+def _export_record(plan: Plan, generator: SynthGenerator) -> dict[str, Any]:
+    return {"intensity": {d: export_intensity(generator.domains[d]) for d in sorted(set(s.domain for s in plan.samples))},
+            "mr_export_range_au": list(layout.MR_EXPORT_RANGE)}
+
+
+def write_index_free_table(table: pa.Table, path: Path) -> None:
+    """A parquet file that is not an index (the plan), written atomically."""
+    import pyarrow.parquet as pq
+
+    from medaug.io.atomic import atomic_output
+
+    with atomic_output(path) as temporary:
+        pq.write_table(table, temporary)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+# ---------------------------------------------------------------- batches
+
+
+def generate_batches(generator: SynthGenerator, plan: Plan, out: Path, export: ExportSettings, run_uid: str,
+                     rank: int, world_size: int, progress: Progress | None) -> SynthesisResult:
+    """Generate, export and record this rank's unfinished batches (module docstring, step 3)."""
+    writer = ShardWriter(out)
+    mine = list(range(rank, plan.num_batches, world_size))
+    pending = [b for b in mine if not writer.is_complete(layout.batch_id(run_uid, b))]
+    result = SynthesisResult({}, skipped_batches=len(mine) - len(pending))
+    exporters = _Exporters(out, export, plan, generator)
+    start, total = time.perf_counter(), sum(len(plan.batch(b)) for b in pending)
+    clock = time.perf_counter
+    for batch_index in pending:
+        samples, tick = plan.batch(batch_index), clock()
+        batch = generator.generate(samples, plan.request.sampling)
+        for position, sample in enumerate(samples):  # past a domain's channels the shard holds zeros, as prepare's
+            batch.image_BCHW[position, len(generator.domains[sample.domain]["channels"]):] = 0.0
+        bid, tock = layout.batch_id(run_uid, batch_index), clock()
+        slices = [export_slice(generator, sample, batch, position, bid) for position, sample in enumerate(samples)]
+        exporters.write(slices)
+        rows, tuck = manifest_rows(generator, plan, samples, batch, batch_index, bid), clock()
+        writer.write_volume(bid, batch.image_BCHW, batch.label_BHW, rows, extra_types=_EXTRA_TYPES)
+        for stage, seconds in zip(("generate", "export", "record"), (tock - tick, tuck - tock, clock() - tuck)):
+            result.stage_seconds[stage] += seconds
+        result.generated += len(samples)
+        if progress is not None:
+            elapsed = time.perf_counter() - start
+            progress(result.generated, total, result.generated / elapsed if elapsed > 0 else 0.0)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+_EXTRA_TYPES = {name: dtype for name, dtype, _ in layout.MANIFEST_COLUMNS}
+
+
+class _Exporters:
+    """The format writers of one run (nnU-Net: one dataset per domain, opened on first use)."""
+
+    def __init__(self, out: Path, export: ExportSettings, plan: Plan, generator: SynthGenerator):
+        self.out, self.export, self.plan, self.generator = out, export, plan, generator
+        self.files = tuple(f for f in export.formats if f in ("png", "nifti", "dicom"))
+        self._nnunet: dict[str, Any] = {}
+        self._dicom = None
+        if "dicom" in export.formats:
+            from medaug.synth.export.dicom import DicomOptions
+
+            state = json.loads((out / layout.SYNTHESIZE_JSON).read_text())
+            name = "".join(c for c in f"medaug MedVAR {generator.run_dir.name}" if c.isascii() and c.isprintable()
+                           and c != "\\")[:64]
+            self._dicom = DicomOptions(model_name=name, model_sha256=generator.sha256, run_uid=state["run_uid"],
+                                       created_at=datetime.fromisoformat(state["created_at"]), **(export.dicom or {}))
+
+    def write(self, slices: Sequence[ExportSlice]) -> None:
+        from medaug.synth.export.batch import export_batch
+
+        if self.files:
+            options = {"dicom": self._dicom} if self._dicom is not None else {}
+            export_batch(slices, self.out, self.files, png=self.export.png, nifti=self.export.nifti,
+                         workers=self.export.workers, **options)
+        if "nnunet" in self.export.formats:
+            for domain in sorted({s.domain for s in slices}):
+                export_batch([s for s in slices if s.domain == domain], formats=("nnunet",),
+                             nnunet=self.nnunet_dataset(domain), workers=self.export.workers)
+
+    def nnunet_dataset(self, domain: str) -> Any:
+        if domain not in self._nnunet:
+            self._nnunet[domain] = open_domain_nnunet(self.out, self.generator, domain, self.export.nnunet_id)
+        return self._nnunet[domain]
+
+
+def nnunet_folder(out: Path, domain_names: Sequence[str], domain: str, first_id: int) -> Path:
+    """``OUT/nnunet/Dataset{first_id + position}_medaug_{domain with / → _}``."""
+    number = first_id + list(domain_names).index(domain)
+    return out / NNUNET_DIR / f"Dataset{number:03d}_medaug_{domain.replace('/', '_')}"
+
+
+def open_domain_nnunet(out: Path, generator: SynthGenerator, domain: str, first_id: int) -> Any:
+    """The nnU-Net dataset of ``domain``'s samples: its channels and the structures its training rows annotate."""
+    from medaug.synth.export.nnunet import open_nnunet_dataset
+
+    record = generator.domains[domain]
+    units = [m["units"] for m in export_intensity(record)]
+    annotated = sorted({s for c in generator.bank.domains.get(domain, ()) for s in c.annotated})
+    structures = generator.bank.names(annotated)
+    return open_nnunet_dataset(nnunet_folder(out, generator.domain_names, domain, first_id), record["channels"],
+                               units, structures or None, description=f"medaug synthetic {domain}")
+
+
+def export_slice(generator: SynthGenerator, sample: PlannedSample, batch: GeneratedBatch, position: int,
+                 series_key: str) -> ExportSlice:
+    """The :class:`ExportSlice` of ``batch`` row ``position`` (the domain's channels, affine and units)."""
+    domain = generator.domains[sample.domain]
+    channels = tuple(domain["channels"])
+    annotated = None if sample.unconditional else tuple(generator.bank.names(sample.annotated))
+    return ExportSlice(sample_id=layout.sample_id(sample.index), image_CHW=batch.image_BCHW[position, :len(channels)],
+                       label_HW=batch.label_BHW[position], channels=channels,
+                       affine=export_affine(domain, generator.size), intensity=tuple(export_intensity(domain)),
+                       structures=tuple(batch.present[position]), domain=sample.domain, annotated=annotated,
+                       synthetic=True, series_key=series_key, instance_number=position + 1)
+
+
+def manifest_rows(generator: SynthGenerator, plan: Plan, samples: Sequence[PlannedSample], batch: GeneratedBatch,
+                  batch_index: int, bid: str) -> list[dict[str, Any]]:
+    """The index + synthesis columns of a batch (``medaug.synth.layout``)."""
+    created = _now()
+    rows = []
+    for position, sample in enumerate(samples):
+        domain = generator.domains[sample.domain]
+        present = batch.present[position]
+        spacing = float(domain["spacing_mm"])
+        image_CHW = batch.image_BCHW[position, :len(domain["channels"])]
+        rows.append({
+            "volume_id": bid, "dataset": layout.SYNTHETIC_DATASET, "subject": layout.sample_id(sample.index),
+            "patient_group": layout.sample_id(sample.index), "split": None, "domain": sample.domain,
+            "modality": domain["modality"].upper(), "channels": list(domain["channels"]),
+            "source_image": [str(generator.run_dir)], "source_label": None, "slice_index": position,
+            "plane": domain_plane(domain), "spacing_mm": [spacing, spacing], "slice_thickness_mm": spacing,
+            "affine": export_affine(domain, generator.size), "intensity": export_intensity(domain),
+            "body_fraction": float((image_CHW > BODY_THRESHOLD).any(axis=0).mean()),
+            "structures_annotated": plan.names(sample.annotated) if not sample.unconditional else list(generator.table.names),
+            "structures_present": present, "structure_pixels": batch.pixels[position], "fingerprint": None,
+            "synthetic": True, **_synthesis_columns(generator, plan, sample, present, batch_index, position, created),
+        })
+    return rows
+
+
+def _synthesis_columns(generator: SynthGenerator, plan: Plan, sample: PlannedSample, present: Sequence[str],
+                       batch_index: int, position: int, created: str) -> dict[str, Any]:
+    settings = plan.request.sampling
+    adherent = bool(set(sample.target_structures) & set(present)) if sample.target else None
+    return {"sample_index": sample.index, "sample_id": layout.sample_id(sample.index), "target": sample.target,
+            "target_structures": list(sample.target_structures), "condition_present": plan.names(sample.present),
+            "condition_annotated": plan.names(sample.annotated), "unconditional": sample.unconditional,
+            "seed": sample.seed, "cfg": settings.cfg, "top_k": settings.top_k, "top_p": settings.top_p,
+            "temperature": settings.temperature, "batch_index": batch_index, "batch_size": plan.request.batch_size,
+            "batch_position": position, "dtype": generator.dtype, "device": generator.device_label,
+            "generator_sha256": generator.sha256, "created_at": created, "adherent": adherent}
+
+
+# ---------------------------------------------------------------- the end of a run
+
+
+def finalize(out: Path, plan: Plan, generator: SynthGenerator, export: ExportSettings, state: dict[str, Any],
+             result: SynthesisResult) -> dict[str, Any]:
+    """Rank 0 after every batch: manifest, montage, nnU-Net dataset.json, adherence, status complete."""
+    from medaug.train.checkpoint import write_json
+
+    table = assemble_index(out)
+    table = table.take(pc.sort_indices(table, [("sample_index", "ascending")]))
+    if table.num_rows != len(plan.samples) or table.column("sample_index").to_pylist() != list(range(len(plan.samples))):
+        raise ConfigError(out, f"holds {table.num_rows} finished samples of {len(plan.samples)} planned; expected all "
+                          "(run again with --resume)")
+    write_index(table.combine_chunks(), layout.manifest_path(out))
+    montage = write_run_montage(out, table, generator, export.montage)
+    if "nnunet" in export.formats:
+        for domain in sorted(set(table.column("domain").to_pylist())):
+            open_domain_nnunet(out, generator, domain, export.nnunet_id).write_dataset_json()
+    summary = {**state, "status": STATUS_COMPLETE, "finished_at": _now(), "samples": table.num_rows,
+               "adherence": adherence(table), "montage": montage,
+               "timing": {"seconds_rank0": round(result.seconds, 3), "generated_rank0": result.generated,
+                          "stage_seconds_rank0": {k: round(v, 3) for k, v in result.stage_seconds.items()}}}
+    write_json(out / layout.SYNTHESIZE_JSON, summary)
+    return summary
+
+
+def adherence(table: pa.Table) -> dict[str, Any]:
+    """Condition adherence (module docstring of ``medaug.synth``): per target, the fraction of its samples whose
+    mask contains one of its structures; per structure, the fraction of samples whose condition has it present
+    that show it in the mask."""
+    rows = table.select(["target", "adherent", "condition_present", "structures_present"]).to_pylist()
+    targets: dict[str, list[bool]] = {}
+    structures: dict[str, list[bool]] = {}
+    for row in rows:
+        if row["target"] is not None:
+            targets.setdefault(row["target"], []).append(bool(row["adherent"]))
+        shown = set(row["structures_present"])
+        for name in row["condition_present"]:
+            structures.setdefault(name, []).append(name in shown)
+    summarize = lambda flags: {"samples": len(flags), "fraction": round(float(np.mean(flags)), 4)}  # noqa: E731
+    return {"targets": {t: summarize(f) for t, f in targets.items()},
+            "structures": {s: summarize(f) for s, f in sorted(structures.items())}}
+
+
+def write_run_montage(out: Path, table: pa.Table, generator: SynthGenerator, count: int) -> str | None:
+    """``montage.png``: the first ``count`` samples (first channel) with their masks overlaid."""
+    from medaug.data.dataset import PreparedSliceDataset
+    from medaug.synth.export.png import write_montage
+
+    if count <= 0 or table.num_rows == 0:
+        return None
+    dataset = PreparedSliceDataset(out)
+    slices = []
+    for i in range(min(count, len(dataset))):
+        item = dataset[i]
+        domain = generator.domains[item["domain"]]
+        channels = tuple(domain["channels"])
+        slices.append(ExportSlice(sample_id=f"m{i}", image_CHW=item["image"][:len(channels)].numpy(),
+                                  label_HW=item["label"].numpy(), channels=channels,
+                                  affine=export_affine(domain, generator.size),
+                                  intensity=tuple(export_intensity(domain)), domain=item["domain"]))
+    return str(write_montage(slices, out / MONTAGE_FILE))
+
+
+def regenerate(out: str | Path, sample_index: int, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """Regenerate manifest row ``sample_index`` of the synthetic folder ``out`` from its recorded settings:
+    (image (C_max, H, W) float32 model space, label (H, W) uint8 vocabulary ids).
+
+    The row's whole batch is sampled again (same rows, order, seeds, guidance, filters, dtype), so on the
+    machine and software that made it the result equals the stored sample exactly (engine module docstring).
+    """
+    from medaug.synth.plan import SamplingSettings
+
+    out = Path(out)
+    manifest = read_manifest(out)
+    position = pc.index(manifest.column("sample_index"), sample_index).as_py()
+    if position < 0:
+        raise ConfigError(layout.manifest_path(out), f"has no sample_index {sample_index}")
+    row = manifest.slice(position, 1).to_pylist()[0]
+    batch_rows = manifest.filter(pc.equal(manifest.column("batch_index"), row["batch_index"])).to_pylist()
+    batch_rows.sort(key=lambda r: r["batch_position"])
+    state = json.loads((out / layout.SYNTHESIZE_JSON).read_text())
+    generator = SynthGenerator(state["generator"]["checkpoint"], device, row["dtype"], state["generator"]["weights"])
+    if generator.sha256 != row["generator_sha256"]:
+        raise ConfigError(state["generator"]["checkpoint"], "weights differ from the ones that made the sample")
+    local = {name: i + 1 for i, name in enumerate(generator.bank.structures)}
+    samples = [PlannedSample(index=r["sample_index"], domain=r["domain"], domain_index=generator.domain_names.index(r["domain"]),
+                             seed=r["seed"], present=tuple(local[n] for n in r["condition_present"]),
+                             annotated=tuple(local[n] for n in r["condition_annotated"]),
+                             unconditional=r["unconditional"]) for r in batch_rows]
+    settings = SamplingSettings(cfg=row["cfg"], top_k=row["top_k"], top_p=row["top_p"], temperature=row["temperature"])
+    batch = generator.generate(samples, settings)
+    return batch.image_BCHW[row["batch_position"]], batch.label_BHW[row["batch_position"]]
+
+
+def read_manifest(out: str | Path) -> pa.Table:
+    """``manifest.parquet`` of a finished synthetic folder (index schema + synthesis columns)."""
+    return read_index(layout.manifest_path(out))
+
+
+__all__ = ["ExportSettings", "FORMATS", "INDEX_SCHEMA_VERSION", "SynthesisResult", "adherence", "claim_folder",
+           "export_slice", "finalize", "generate_batches", "manifest_rows", "plan_sha256", "read_manifest", "regenerate",
+           "synthesize"]

@@ -1,0 +1,268 @@
+"""Fast sampler and decoder (issue 9): same tokens as the basic sampler in float32 on the CPU, the chained
+KV cache against plain attention, the compiled functions against eager ones, the fast decode path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from medaug.models.quant import MultiScaleQuantizer, QuantizerConfig
+from medaug.models.sampling import (
+    ChainedKVCache,
+    FastSampler,
+    generators_from_seeds,
+    guidance_ramp,
+    sample_memory_bytes,
+    sample_tokens,
+)
+from medaug.models.var import VAR, VARConfig, var_preset
+from medaug.models.vqvae import VQVAE, FastDecoder, VQVAEConfig, logits_to_label
+
+SIDES = (1, 2, 3, 4)
+STRUCTURES = 3
+
+
+def _config(**overrides) -> VARConfig:
+    """Tiny model with full-size AdaLN γ and head, so that logits differ clearly between tokens."""
+    settings = dict(depth=2, width=64, heads=4, patch_sides=SIDES, codebook_size=32, latent_dim=8,
+                    num_domains=2, num_structures=STRUCTURES, drop_path_rate=0.0, attn_impl="sdpa",
+                    init_adaln_gamma=1.0, init_head=1.0, init_adaln=1.0)
+    return VARConfig(**{**settings, **overrides})
+
+
+def _model_and_quantizer(config: VARConfig, seed: int = 0) -> tuple[VAR, MultiScaleQuantizer]:
+    torch.manual_seed(seed)
+    model = VAR(config).eval()
+    quantizer = MultiScaleQuantizer(QuantizerConfig(config.codebook_size, config.latent_dim, config.patch_sides))
+    with torch.no_grad():
+        quantizer.embedding.weight.normal_()
+    return model, quantizer
+
+
+def _conditions(batch: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    domain_B = torch.randint(2, (batch,), generator=generator)
+    present_BS = torch.rand(batch, STRUCTURES, generator=generator) < 0.5
+    annotated_BS = present_BS | (torch.rand(batch, STRUCTURES, generator=generator) < 0.5)
+    return domain_B, present_BS, annotated_BS
+
+
+# ---------------------------------------------------------------- same tokens as the basic sampler
+@pytest.mark.parametrize(
+    ("cfg", "top_k", "top_p", "temperature", "shared"),
+    [(1.5, 20, 0.9, 1.0, False), (0.0, 0, 1.0, 1.3, False), (3.0, 5, 0.5, 0.7, False), (1.5, 12, 0.96, 1.0, True)],
+    ids=["cfg1.5-k20-p0.9", "cfg0-all-T1.3", "cfg3-k5-p0.5-T0.7", "shared-adaln"],
+)
+def test_fast_sampler_draws_the_basic_samplers_tokens_in_float32(cfg, top_k, top_p, temperature, shared):
+    model, quantizer = _model_and_quantizer(_config(shared_adaln=shared), seed=1)
+    condition = _conditions(6, seed=2)
+    settings = dict(cfg=cfg, top_k=top_k, top_p=top_p, temperature=temperature)
+    seeds = [5, 6, 7, 8, 9, 10]
+    basic = sample_tokens(model, quantizer, *condition, generators=generators_from_seeds(seeds), **settings)
+    sampler = FastSampler(model, quantizer)
+    assert sampler.dtype == torch.float32 and not sampler.compiled and not sampler.cuda_graphs
+    fast = sampler.sample_tokens(*condition, generators=generators_from_seeds(seeds), **settings)
+    chunked = sampler.sample_tokens(*condition, generators=generators_from_seeds(seeds), max_batch=4, **settings)
+    for k, side in enumerate(SIDES):
+        assert fast[k].shape == (6, side, side) and fast[k].dtype == torch.int64
+        assert torch.equal(fast[k], basic[k]), f"scale {k}"
+        assert torch.equal(chunked[k], basic[k]), f"scale {k} (chunks of 4)"
+
+
+def test_fast_sampler_logits_equal_guided_teacher_forced_logits():
+    config = _config()
+    model, quantizer = _model_and_quantizer(config, seed=3)
+    condition = _conditions(3, seed=4)
+    indices = sample_tokens(model, quantizer, *condition, generators=generators_from_seeds([1, 2, 3]))
+    cfg = 2.0
+    with torch.no_grad():
+        x_BLC = quantizer.indices_to_teacher_inputs(indices)
+        cond_BLV = model(x_BLC, *condition, torch.zeros(3, dtype=torch.bool))
+        uncond_BLV = model(x_BLC, *condition, torch.ones(3, dtype=torch.bool))
+    per_scale = FastSampler(model, quantizer).guided_scale_logits(indices, *condition, cfg=cfg)
+    for k, (start, t) in enumerate(zip(config.scale_starts, guidance_ramp(cfg, len(SIDES)))):
+        end = start + config.tokens_per_scale[k]
+        expected_BlV = (1 + t) * cond_BLV[:, start:end] - t * uncond_BLV[:, start:end]
+        torch.testing.assert_close(per_scale[k], expected_BlV, rtol=0, atol=1e-4, msg=f"scale {k}")
+
+
+def test_no_unconditional_stream_without_guidance():
+    model, quantizer = _model_and_quantizer(_config())
+    sampler = FastSampler(model, quantizer)
+    assert sampler.settings(1.5, 900, 0.96, 1.0).guided
+    assert not sampler.settings(0.0, 900, 0.96, 1.0).guided
+    single, single_quantizer = _model_and_quantizer(_config(patch_sides=(4,)))
+    assert not FastSampler(single, single_quantizer).settings(3.0, 0, 1.0, 1.0).guided  # K = 1: t_0 = 0
+    d16 = var_preset("d16")
+    extra = sample_memory_bytes(d16, guided=True, top_k=900) - sample_memory_bytes(d16, guided=False, top_k=900)
+    assert extra >= ChainedKVCache.bytes_per_row(d16, 2)  # the null stream's cache is not allocated
+
+
+def test_fast_sampler_checks_its_arguments():
+    model, quantizer = _model_and_quantizer(_config())
+    sampler = FastSampler(model, quantizer)
+    condition = _conditions(2)
+    with pytest.raises(ValueError, match="one per sample"):
+        sampler.sample_tokens(*condition, generators=generators_from_seeds([1]))
+    with pytest.raises(ValueError, match="top_p"):
+        sampler.sample_tokens(*condition, generators=generators_from_seeds([1, 2]), top_p=0.0)
+
+
+def test_bfloat16_weights_are_a_copy_unless_converted_in_place():
+    model, quantizer = _model_and_quantizer(_config())
+    sampler = FastSampler(model, quantizer, dtype=torch.bfloat16)
+    assert sampler.var is not model and model.head.weight.dtype == torch.float32
+    assert sampler.var.head.weight.dtype == torch.bfloat16
+    tokens = sampler.sample_tokens(*_conditions(2), generators=generators_from_seeds([1, 2]))
+    assert [tuple(t.shape) for t in tokens] == [(2, side, side) for side in SIDES]
+    assert all(0 <= int(t.min()) and int(t.max()) < 32 for t in tokens)
+    FastSampler(model, quantizer, dtype=torch.bfloat16, convert_in_place=True)
+    assert model.head.weight.dtype == torch.bfloat16
+
+
+def test_compiled_functions_match_eager_ones():
+    """The torch.compile path (inductor on the CPU here; Triton on CUDA) with dynamic rows and lengths."""
+    model, quantizer = _model_and_quantizer(_config(), seed=5)
+    eager, compiled = FastSampler(model, quantizer), FastSampler(model, quantizer, compile=True)
+    for batch in (3, 5):
+        condition = _conditions(batch, seed=batch)
+        indices = sample_tokens(model, quantizer, *condition, generators=generators_from_seeds(range(batch)))
+        expected = eager.guided_scale_logits(indices, *condition, cfg=1.5)
+        for k, logits_BlV in enumerate(compiled.guided_scale_logits(indices, *condition, cfg=1.5)):
+            torch.testing.assert_close(logits_BlV, expected[k], rtol=1e-5, atol=1e-5, msg=f"scale {k}")
+
+
+# ---------------------------------------------------------------- the chained cache
+def test_chained_kv_cache_attends_like_concatenated_keys():
+    config = _config(depth=3, patch_sides=(1, 2, 3))
+    rows, heads, dim = 2, config.heads, config.head_dim
+    cache = ChainedKVCache(rows, config, torch.float32, torch.device("cpu"))
+    assert cache.keys_RHPD.shape == (rows, heads, 3 * (1 + 4) + 9, dim)
+    generator = torch.Generator().manual_seed(0)
+    history = [([], []) for _ in range(config.depth)]
+    for k, count in enumerate(config.tokens_per_scale):  # scale by scale, blocks in order, as the sampler
+        for block in range(config.depth):
+            q, key, value = (torch.randn(rows, heads, count, dim, generator=generator) for _ in range(3))
+            history[block][0].append(key)
+            history[block][1].append(value)
+            out = cache.attend(block, config.scale_starts[k], q, key, value)
+            keys, values = torch.cat(history[block][0], dim=2), torch.cat(history[block][1], dim=2)
+            weights = torch.softmax(q @ keys.transpose(-1, -2), dim=-1)  # softmax scale 1
+            torch.testing.assert_close(out, weights @ values, rtol=1e-5, atol=1e-5, msg=f"scale {k} block {block}")
+
+
+def test_memory_estimate_counts_the_cache_of_both_streams():
+    config = var_preset("d16")
+    cache_per_sample = 2 * 2 * 1024 * (16 * 424 + 256) * 2  # rows × (k, v) × C × positions × bf16
+    assert ChainedKVCache.bytes_per_row(config, 2) * 2 == cache_per_sample
+    assert cache_per_sample < sample_memory_bytes(config, guided=True, top_k=900) < 3 * cache_per_sample
+
+
+# ---------------------------------------------------------------- the fast decoder
+def _vqvae() -> VQVAE:
+    torch.manual_seed(5)
+    config = VQVAEConfig(
+        image_size=64, image_channels=2, num_structures=STRUCTURES, base_channels=16, encoder_res_blocks=1,
+        decoder_res_blocks=1, quantizer=QuantizerConfig(codebook_size=32, latent_dim=8, patch_sides=SIDES),
+    )
+    return VQVAE(config).eval()
+
+
+def test_fast_decoder_in_float32_is_the_decode_path():
+    vqvae = _vqvae()
+    f_hat_BCHW = torch.randn(3, 8, 4, 4, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        image_ref, logits_ref = vqvae.decode(f_hat_BCHW)
+    image_BCHW, logits_BKHW = FastDecoder(vqvae, compile=False, channels_last=False).decode(f_hat_BCHW)
+    assert torch.equal(image_BCHW, image_ref) and torch.equal(logits_BKHW, logits_ref)
+    # chunks of 2 + 1 (convolution kernels may round differently per batch size)
+    image_ch, logits_ch = FastDecoder(vqvae, compile=False, channels_last=False, max_chunk=2).decode(f_hat_BCHW)
+    torch.testing.assert_close(image_ch, image_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits_ch, logits_ref, rtol=1e-5, atol=1e-5)
+    image_cl, logits_cl = FastDecoder(vqvae, compile=False, channels_last=True).decode(f_hat_BCHW)
+    torch.testing.assert_close(image_cl, image_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(logits_cl, logits_ref, rtol=1e-4, atol=1e-4)
+    image_bf, _ = FastDecoder(vqvae, dtype=torch.bfloat16, compile=False).decode(f_hat_BCHW)
+    assert image_bf.dtype == torch.float32
+    assert (image_bf - image_ref).norm() / image_ref.norm() < 3e-2
+
+
+def test_fast_decoder_indices_to_img_matches_vqvae():
+    vqvae = _vqvae()
+    generator = torch.Generator().manual_seed(2)
+    indices = [torch.randint(32, (2, side, side), generator=generator) for side in SIDES]
+    image_ref, label_ref = vqvae.indices_to_img(indices)
+    image_BCHW, label_BHW = FastDecoder(vqvae, compile=False, channels_last=False).indices_to_img(vqvae.quantizer,
+                                                                                                   indices)
+    assert torch.equal(image_BCHW, image_ref) and torch.equal(label_BHW, label_ref)
+
+
+def test_label_is_restricted_to_annotated_structures():
+    logits_BKHW = torch.tensor([[0.0, 1.0, 5.0, 2.0], [3.0, 1.0, 5.0, 2.0]])[:, :, None, None].repeat(1, 1, 2, 2)
+    annotated_BS = torch.tensor([[True, False, True], [False, False, False]])
+    label_BHW = logits_to_label(logits_BKHW, annotated_BS)
+    # row 0: structure 2 (logit 5) is not annotated; of background, 1 and 3 the best is 3 (logit 2)
+    assert label_BHW[0].unique().tolist() == [3] and label_BHW[1].unique().tolist() == [0]
+    assert logits_to_label(logits_BKHW).unique().tolist() == [2]
+    assert torch.equal(logits_to_label(logits_BKHW, annotated_BS.float()), label_BHW)
+
+
+def test_attention_of_the_decoder_runs_on_channels_last_inputs():
+    vqvae = _vqvae()
+    attention = next(m for m in vqvae.decoder.modules() if m.__class__.__name__ == "SelfAttention")
+    x_BCHW = torch.randn(2, attention.qkv.in_channels, 4, 4, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = attention(x_BCHW)
+        out = attention(x_BCHW.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    qkv = attention.qkv(attention.norm(x_BCHW)).view(2, 3, -1, 16).transpose(2, 3)
+    attended = F.scaled_dot_product_attention(*qkv.unbind(1)).transpose(1, 2).reshape(2, -1, 4, 4)
+    reference = x_BCHW + attention.proj(attended)
+    torch.testing.assert_close(expected, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_folded_upsample_is_nearest_upsample_then_conv():
+    from medaug.models.vqvae import FoldedUpsample, Upsample
+
+    torch.manual_seed(6)
+    upsample = Upsample(5)
+    folded = FoldedUpsample(upsample)
+    for height, width in ((1, 1), (3, 4), (6, 5)):  # borders of every parity
+        x_BCHW = torch.randn(2, 5, height, width)
+        with torch.no_grad():
+            expected = F.conv2d(x_BCHW.repeat_interleave(2, 2).repeat_interleave(2, 3), upsample.conv.weight,
+                                upsample.conv.bias, padding=1)
+            out = folded(x_BCHW)
+        assert out.shape == (2, 5, 2 * height, 2 * width)
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_fast_decoder_with_folded_upsamples_matches_decode():
+    vqvae = _vqvae()
+    f_hat_BCHW = torch.randn(2, 8, 4, 4, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        image_ref, logits_ref = vqvae.decode(f_hat_BCHW)
+    decoder = FastDecoder(vqvae, compile=False, channels_last=True, fold_upsample=True)
+    assert sum(m.__class__.__name__ == "FoldedUpsample" for m in decoder.path.modules()) == 4
+    image_BCHW, logits_BKHW = decoder.decode(f_hat_BCHW)
+    torch.testing.assert_close(image_BCHW, image_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(logits_BKHW, logits_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_code_upsampler_is_the_quantizers_bicubic_path():
+    from medaug.models.vqvae import CodeUpsampler
+
+    torch.manual_seed(8)
+    quantizer = MultiScaleQuantizer(QuantizerConfig(codebook_size=64, latent_dim=8, patch_sides=(1, 2, 3, 5, 8)))
+    with torch.no_grad():
+        quantizer.embedding.weight.normal_()
+    upsampler = CodeUpsampler(quantizer, "cpu")
+    generator = torch.Generator().manual_seed(9)
+    indices = [torch.randint(64, (3, side, side), generator=generator) for side in quantizer.patch_sides]
+    with torch.no_grad():
+        for k, indices_Bpp in enumerate(indices):
+            torch.testing.assert_close(upsampler.contribution(indices_Bpp, k),
+                                       quantizer.scale_contribution(indices_Bpp, k), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(upsampler.features(indices), quantizer.indices_to_features(indices),
+                                   rtol=1e-5, atol=1e-6)
