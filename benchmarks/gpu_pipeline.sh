@@ -17,7 +17,9 @@
 # lr = base_lr * batch / 256; empty for a recipe that sets train.optim.var.lr, like medvar-tiny),
 # VAR_COMPILE (true: per-block torch.compile), SAMPLES_PER_DOMAIN (8), TOKENIZER_EXTRA / VAR_EXTRA (more `--set stage.key=value` overrides),
 # SYNTH_N (10000 samples of `medaug synthesize` after training, timed end to end; 0 skips it), SYNTH_BATCH (256),
-# SYNTH_FORMATS (png), SYNTH_ORGANS ("liver prostate brain"), SYNTH_WORKERS (8 export threads).
+# SYNTH_FORMATS (png), SYNTH_ORGANS ("liver prostate brain"), SYNTH_WORKERS (8 export threads), EVAL_STEPS (400 steps of
+# `medaug train features`, then `medaug evaluate metrics` with that own backbone; 0 skips both), FEATURES_RECIPE
+# (features), EVAL_DEVICE (cuda when present, else cpu).
 set -euo pipefail
 OUT=${OUT:-out/pipeline}
 SOURCES=${SOURCES:-real+phantoms}
@@ -40,6 +42,9 @@ SYNTH_BATCH=${SYNTH_BATCH:-256}
 SYNTH_FORMATS=${SYNTH_FORMATS:-png}
 SYNTH_ORGANS=${SYNTH_ORGANS:-liver prostate brain}
 SYNTH_WORKERS=${SYNTH_WORKERS:-8}
+EVAL_STEPS=${EVAL_STEPS:-400}
+FEATURES_RECIPE=${FEATURES_RECIPE:-features}
+EVAL_DEVICE=${EVAL_DEVICE:-$(python3 -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")}
 TOKENIZER_EXTRA=${TOKENIZER_EXTRA:-}
 VAR_EXTRA=${VAR_EXTRA:-}
 mkdir -p "$OUT"
@@ -109,6 +114,16 @@ if [ "$SYNTH_N" -gt 0 ]; then
   cp "$work/synth/montage.png" "$OUT/synth_montage.png" 2>/dev/null || true
 fi
 mark end_synth
+if [ "$SYNTH_N" -gt 0 ] && [ "$EVAL_STEPS" -gt 0 ]; then
+  log "own feature backbone (${FEATURES_RECIPE}, $EVAL_STEPS steps) and medaug evaluate metrics on the test split"
+  # a failure here is logged and the run still packs what the earlier stages produced
+  medaug train features --data "$work/prepared" --out "$work/features" --recipe "$FEATURES_RECIPE" \
+    --max-steps "$EVAL_STEPS" --json > "$work/features.json" || log "train features failed"
+  medaug evaluate metrics --real "$work/prepared" --synthetic "$work/synth" --backbone medaug="$work/features" \
+    --out "$work/report" --device "$EVAL_DEVICE" --json > "$work/metrics.json" || { log "evaluate failed"; rm -f "$work/metrics.json"; }
+  cp "$work/report/report.md" "$OUT/metrics_report.md" 2>/dev/null || true
+fi
+mark end_eval
 log "report"
 
 python3 - "$work" "$OUT" <<'PY'
@@ -123,6 +138,12 @@ marks = json.loads("{" + (work / "marks.txt").read_text().strip().rstrip(",") + 
 prepare = json.loads((work / "prepare.json").read_text())
 trained = json.loads((work / "train.json").read_text())
 synth = json.loads((work / "synth.json").read_text()) if (work / "synth.json").is_file() else None
+def optional(name):
+    path = work / name
+    return json.loads(path.read_text()) if path.is_file() and path.stat().st_size else None
+
+
+features, metrics = optional("features.json"), optional("metrics.json")
 
 
 def records(path):
@@ -180,7 +201,8 @@ summary = {
     "machine": {"gpu": gpus, "torch": torch.__version__, "python": platform.python_version()},
     "stage_seconds": {"phantoms_and_recipe": marks["start_prepare"], "prepare": marks["end_prepare"] - marks["start_prepare"],
                       "train_all": marks["end_train"] - marks["start_train"],
-                      "synthesize": marks["end_synth"] - marks["end_train"], "total": marks["end_synth"]},
+                      "synthesize": marks["end_synth"] - marks["end_train"],
+                      "evaluate": marks["end_eval"] - marks["end_synth"], "total": marks["end_eval"]},
     "prepare": {key: prepare.get(key) for key in ("volumes_total", "volumes_rejected", "slices", "slices_per_domain",
                                                   "slices_per_split") if key in prepare},
     "tokenizer": {"step": tokenizer.get("step"), "stopped_by": tokenizer.get("stopped_by"),
@@ -196,6 +218,8 @@ summary = {
         "stage_seconds": synth["timing"].get("stage_seconds_rank0"),
         "images_per_s": round(synth["samples"] / max(synth["timing"]["seconds_rank0"], 1e-9), 1),
         "adherence": synth.get("adherence", {}).get("targets")},
+    "features": None if features is None else {"step": features.get("step"), "evaluation": features.get("evaluation")},
+    "metrics": metrics,
 }
 (out / "pipeline.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
 print(json.dumps({key: summary[key] for key in ("stage_seconds", "prepare")}, default=str))
@@ -208,6 +232,7 @@ pack=$work/pack
 mkdir -p "$pack"
 cp "$OUT/pipeline.json" "$OUT/loss_curves.png" "$OUT/run.log" "$work/prepare.json" "$work/train.json" "$work/prepare.yaml" "$pack/"
 cp "$work/synth.json" "$OUT/synth_montage.png" "$pack/" 2>/dev/null || true
+cp -r "$work/report" "$pack/metrics_report" 2>/dev/null || true
 cp "$work/gen/tokenizer_run/log.jsonl" "$pack/tokenizer_log.jsonl"
 cp "$work/gen/log.jsonl" "$pack/var_log.jsonl"
 cp "$work/gen/tokenizer_run/metrics.json" "$pack/tokenizer_metrics.json" 2>/dev/null || true

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import typer
 
-from medaug_cli import evaluate, phantoms, prepare, synthesize, train
+from medaug_cli import demo, evaluate, phantoms, prepare, synthesize, train
 
 app = typer.Typer(
     name="medaug",
@@ -22,6 +22,7 @@ app.command("inspect")(prepare.inspect)
 app.add_typer(train.app, name="train")
 app.command("synthesize")(synthesize.synthesize)
 app.add_typer(evaluate.app, name="evaluate")
+app.command("demo")(demo.demo)
 
 
 def _print_version(value: bool) -> None:

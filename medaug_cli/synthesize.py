@@ -35,6 +35,9 @@ def synthesize(
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 or bfloat16 (default: bfloat16 on GPUs, float32 on CPU)."),
     workers: int = typer.Option(2, "--workers", min=1, help="Export threads."),
     resume: bool = typer.Option(False, "--resume", help="Finish a killed run in --out (same request)."),
+    send: Optional[str] = typer.Option(None, "--send", help="After synthesis, C-STORE the DICOM files to HOST:PORT (a PACS)."),
+    aet: str = typer.Option("ANY-SCP", "--aet", help="The called AE title of the --send destination."),
+    calling_aet: str = typer.Option("MEDAUG", "--calling-aet", help="Our AE title for --send."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and stop."),
     json_output: bool = typer.Option(False, "--json", help="Print the summary as JSON (no progress bar)."),
 ) -> None:
@@ -61,11 +64,28 @@ def synthesize(
         quiet = json_output or dry_run or not rank0
         result = _with_progress(run_synthesis, quiet, checkpoint, out, request, export, device=device, dtype=dtype,
                                 resume=resume, dry_run=dry_run)
+        if send and rank0 and not dry_run:
+            result.summary["send"] = _send(out, send, aet, calling_aet, quiet)
     except MedaugError as error:
         print_error(str(error))
         raise typer.Exit(2) from None
     if rank0:
         render_summary(result.summary, json_output, result)
+        if send and not dry_run and result.summary["send"]["failed"]:
+            raise typer.Exit(1)
+
+
+def _send(out: Path, destination: str, aet: str, calling_aet: str, quiet: bool) -> dict[str, Any]:
+    """C-STORE the run's DICOM files; the report as a dict (accepted/failed counts and the failures)."""
+    from medaug.synth.run import send_run
+
+    report = send_run(out, destination, aet, calling_aet)
+    if not quiet:
+        console.print(f"sent: {report.summary()}", highlight=False)
+        for item in report.failed[:20]:
+            console.print(f"[red]not stored:[/] {item.path} ({item.error or item.status})", highlight=False)
+    return {"destination": destination, "accepted": len(report.accepted), "associations": report.associations,
+            "failed": [{"path": str(item.path), "status": item.status, "error": item.error} for item in report.failed]}
 
 
 def _export_settings(formats: str, window: str | None, nifti_gz: bool, dicom_sop: str, nnunet_id: int, workers: int) -> Any:

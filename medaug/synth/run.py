@@ -22,6 +22,7 @@ import json
 import logging
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -213,32 +214,55 @@ def _now() -> str:
 
 def generate_batches(generator: SynthGenerator, plan: Plan, out: Path, export: ExportSettings, run_uid: str,
                      rank: int, world_size: int, progress: Progress | None) -> SynthesisResult:
-    """Generate, export and record this rank's unfinished batches (module docstring, step 3)."""
+    """Generate, export and record this rank's unfinished batches (module docstring, step 3).
+
+    One thread saves batch b (exports, shards, parts file) while the main thread generates batch b + 1, so the
+    device does not wait for the files; at most one batch is in flight, and an error in either stops the run
+    after the batch being saved is finished or abandoned (its parts file is written last, so it then counts
+    as unfinished).
+    """
     writer = ShardWriter(out)
     mine = list(range(rank, plan.num_batches, world_size))
     pending = [b for b in mine if not writer.is_complete(layout.batch_id(run_uid, b))]
     result = SynthesisResult({}, skipped_batches=len(mine) - len(pending))
     exporters = _Exporters(out, export, plan, generator)
-    start, total = time.perf_counter(), sum(len(plan.batch(b)) for b in pending)
-    clock = time.perf_counter
-    for batch_index in pending:
-        samples, tick = plan.batch(batch_index), clock()
-        batch = generator.generate(samples, plan.request.sampling)
-        for position, sample in enumerate(samples):  # past a domain's channels the shard holds zeros, as prepare's
-            batch.image_BCHW[position, len(generator.domains[sample.domain]["channels"]):] = 0.0
-        bid, tock = layout.batch_id(run_uid, batch_index), clock()
-        slices = [export_slice(generator, sample, batch, position, bid) for position, sample in enumerate(samples)]
-        exporters.write(slices)
-        rows, tuck = manifest_rows(generator, plan, samples, batch, batch_index, bid), clock()
-        writer.write_volume(bid, batch.image_BCHW, batch.label_BHW, rows, extra_types=_EXTRA_TYPES)
-        for stage, seconds in zip(("generate", "export", "record"), (tock - tick, tuck - tock, clock() - tuck)):
+    start, total, clock = time.perf_counter(), sum(len(plan.batch(b)) for b in pending), time.perf_counter
+
+    def finish(saving: Any, count: int) -> None:
+        for stage, seconds in saving.result().items():
             result.stage_seconds[stage] += seconds
-        result.generated += len(samples)
+        result.generated += count
         if progress is not None:
-            elapsed = time.perf_counter() - start
+            elapsed = clock() - start
             progress(result.generated, total, result.generated / elapsed if elapsed > 0 else 0.0)
-    result.seconds = time.perf_counter() - start
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="medaug-save") as saver:
+        in_flight = None
+        for batch_index in pending:
+            samples, tick = plan.batch(batch_index), clock()
+            batch = generator.generate(samples, plan.request.sampling)
+            for position, sample in enumerate(samples):  # past a domain's channels the shard holds zeros, as prepare's
+                batch.image_BCHW[position, len(generator.domains[sample.domain]["channels"]):] = 0.0
+            result.stage_seconds["generate"] += clock() - tick
+            if in_flight is not None:
+                finish(*in_flight)
+            in_flight = (saver.submit(save_batch, generator, plan, samples, batch, batch_index,
+                                      layout.batch_id(run_uid, batch_index), exporters, writer), len(samples))
+        if in_flight is not None:
+            finish(*in_flight)
+    result.seconds = clock() - start
     return result
+
+
+def save_batch(generator: SynthGenerator, plan: Plan, samples: Sequence[PlannedSample], batch: GeneratedBatch,
+               batch_index: int, bid: str, exporters: _Exporters, writer: ShardWriter) -> dict[str, float]:
+    """Export one generated batch, then write its shards and (last) its parts file; seconds per stage."""
+    tick = time.perf_counter()
+    slices = [export_slice(generator, sample, batch, position, bid) for position, sample in enumerate(samples)]
+    exporters.write(slices)
+    rows, tock = manifest_rows(generator, plan, samples, batch, batch_index, bid), time.perf_counter()
+    writer.write_volume(bid, batch.image_BCHW, batch.label_BHW, rows, extra_types=_EXTRA_TYPES)
+    return {"export": tock - tick, "record": time.perf_counter() - tock}
 
 
 _EXTRA_TYPES = {name: dtype for name, dtype, _ in layout.MANIFEST_COLUMNS}
@@ -443,11 +467,31 @@ def regenerate(out: str | Path, sample_index: int, device: str = "cpu") -> tuple
     return batch.image_BCHW[row["batch_position"]], batch.label_BHW[row["batch_position"]]
 
 
+def send_run(out: str | Path, destination: str, called_aet: str, calling_aet: str = "MEDAUG", retries: int = 2) -> Any:
+    """C-STORE every DICOM file of the finished synthetic folder ``out`` to ``destination`` (``HOST:PORT``).
+
+    Returns the :class:`~medaug.synth.send.SendReport`; a refused association or an unreachable node raises
+    :class:`~medaug.synth.send.DicomSendError`. Nothing in ``out`` is changed either way.
+    """
+    from medaug.synth.send import send_dicom
+
+    host, _, port = destination.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError("--send", f"is {destination!r}; expected HOST:PORT, e.g. pacs.example.org:104")
+    state_path = Path(out) / layout.SYNTHESIZE_JSON
+    if not state_path.is_file() or json.loads(state_path.read_text()).get("status") != STATUS_COMPLETE:
+        raise ConfigError(out, "is not a finished synthesis run; expected one to send")
+    files = sorted((Path(out) / "dicom").rglob("*.dcm"))
+    if not files:
+        raise ConfigError(Path(out) / "dicom", "holds no DICOM files; expected a run with --format dicom")
+    return send_dicom(files, host, int(port), called_aet, calling_aet=calling_aet, retries=retries)
+
+
 def read_manifest(out: str | Path) -> pa.Table:
     """``manifest.parquet`` of a finished synthetic folder (index schema + synthesis columns)."""
     return read_index(layout.manifest_path(out))
 
 
 __all__ = ["ExportSettings", "FORMATS", "INDEX_SCHEMA_VERSION", "SynthesisResult", "adherence", "claim_folder",
-           "export_slice", "finalize", "generate_batches", "manifest_rows", "plan_sha256", "read_manifest", "regenerate",
+           "export_slice", "finalize", "generate_batches", "manifest_rows", "plan_sha256", "read_manifest", "regenerate", "send_run",
            "synthesize"]

@@ -16,9 +16,13 @@ import pydicom
 import pytest
 import yaml
 
+from typer.testing import CliRunner
+
 from medaug.synth.plan import PlanRequest
 from medaug.synth.run import ExportSettings, read_manifest, synthesize
+from medaug_cli.app import app
 from tests.pipeline import REPO, TINY_OVERRIDES
+from tests.synth.test_send import SCP_AET, STORESCP, free_port, sop_uids, storescp  # noqa: F401  (fixture)
 
 PLANTED = {
     "PatientName": "LEAKY^PLANTED",
@@ -122,3 +126,20 @@ def test_synthesized_ct_and_seg_pass_dciodvfy(leak_run):
         result = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
         errors = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")]
         assert errors == [], f"{path.name}: {errors}"
+
+
+@pytest.mark.skipif(STORESCP is None, reason="dcmtk storescp not installed (apt-get install dcmtk)")
+def test_synthesize_send_delivers_every_instance_to_a_storage_scp(leak_run, storescp, tmp_path):
+    port, received = storescp()
+    out = tmp_path / "sent"
+    result = CliRunner().invoke(app, ["synthesize", "--checkpoint", str(leak_run["generator"]), "-n", "2", "--organ",
+                                      "liver", "--format", "dicom", "--out", str(out), "--device", "cpu",
+                                      "--send", f"127.0.0.1:{port}", "--aet", SCP_AET, "--json"])
+    assert result.exit_code == 0, result.output
+    written = sorted((out / "dicom").rglob("*.dcm"))
+    assert sop_uids(received.iterdir()) == sop_uids(written)
+    unreachable = CliRunner().invoke(app, ["synthesize", "--checkpoint", str(leak_run["generator"]), "-n", "2",
+                                           "--organ", "liver", "--format", "dicom", "--out", str(out), "--resume",
+                                           "--device", "cpu", "--send", f"127.0.0.1:{free_port()}", "--aet", SCP_AET])
+    assert unreachable.exit_code == 2 and "127.0.0.1" in unreachable.output
+    assert sorted((out / "dicom").rglob("*.dcm")) == written
