@@ -168,6 +168,12 @@ class _Link:
         self.association = association
         return association
 
+    def drop(self) -> None:
+        """Abandon the current association (after a store without a response) so the next store opens a new one."""
+        if self.association is not None and self.association.is_established:
+            self.association.abort()
+        self.association = None
+
     def release(self) -> None:
         if self.association is not None and self.association.is_established:
             self.association.release()
@@ -193,6 +199,8 @@ def _send_one(link: _Link, header: _Header, retries: int, backoff_s: float, repo
         if status == 0 or status in WARNING_STATUSES:
             report.accepted.append(SentInstance(header.path, header.sop_instance_uid, status, attempt))
             return
+        if status is None:  # no response: the association is broken (even if its state has not caught up yet)
+            link.drop()
         log.warning("%s: store of %s failed (%s), attempt %d of %d", report.destination, header.path, error,
                     attempt, retries + 1)
     report.failed.append(SentInstance(header.path, header.sop_instance_uid, status, retries + 1, error))
