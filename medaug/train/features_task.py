@@ -62,9 +62,8 @@ from medaug.data.structures import (
 from medaug.errors import ConfigError
 from medaug.vocab import IGNORE
 from medaug.eval.nets import FeatureNet, FeatureNetConfig
-from medaug.train.checkpoint import write_json
 from medaug.train.engine import TrainConfig, unwrap
-from medaug.train.tokenizer import global_mean_factors, resolve_model_recipe
+from medaug.train.tokenizer import global_mean_factors, resolve_model_recipe, train_then_evaluate
 
 log = logging.getLogger(__name__)
 
@@ -413,25 +412,11 @@ def train_features(
     ``out/metrics.json``; the evaluation is also added to the final checkpoint's meta.json. Returns
     {run_dir, step, stopped_by, checkpoint, train_metrics, evaluation}.
     """
-    from medaug.train.checkpoint import latest_checkpoint
-    from medaug.train.distributed import is_rank0, on_rank0
-    from medaug.train.engine import train
-
     steps = [f"train.max_steps={max_steps}"] if max_steps is not None else []
     recipe = load_features_recipe(recipe, [*overrides, *steps])
-    out = Path(out)
     task = FeaturesTask(data, recipe)
-    if resume or latest_checkpoint(out) is None:  # else the engine refuses the folder; keep its recipe
-        on_rank0(write_json, out / RECIPE_FILE, recipe_to_dict(recipe))
-    result = train(task, recipe.train, out, resume=resume, progress=progress)
-    summary: dict[str, Any] = {"run_dir": str(out), "step": result.step, "stopped_by": result.stopped_by,
-                               "checkpoint": str(result.checkpoint_path) if result.checkpoint_path else None,
-                               "train_metrics": result.metrics, "evaluation": None}
-    if is_rank0() and result.checkpoint_path is not None:
-        summary["evaluation"] = evaluate_checkpoint(task, result.checkpoint_path, out)
-        write_json(out / METRICS_FILE, {"step": result.step, "train": result.metrics,
-                                        "evaluation": summary["evaluation"]})
-    return summary
+    return train_then_evaluate(task, recipe.train, recipe_to_dict(recipe), Path(out) / RECIPE_FILE, Path(out),
+                               evaluate_checkpoint, resume, progress)
 
 
 def evaluate_checkpoint(task: FeaturesTask, checkpoint_path: Path, run_dir: Path) -> dict[str, Any]:

@@ -489,22 +489,31 @@ def train_tokenizer(
     quality to the final checkpoint's meta.json. Returns {run_dir, step, stopped_by, checkpoint,
     train_metrics, evaluation}.
     """
+    steps = [f"train.max_steps={max_steps}"] if max_steps is not None else []
+    recipe = drop_unused_optimizers(load_tokenizer_recipe(recipe, [*overrides, *steps]))
+    task = TokenizerTask(data, recipe)
+    return train_then_evaluate(task, recipe.train, to_dict(recipe), Path(out) / RECIPE_FILE, Path(out),
+                               evaluate_checkpoint, resume, progress)
+
+
+def train_then_evaluate(task: Any, config: Any, recipe_record: dict[str, Any], recipe_path: Path, out: Path,
+                        evaluate: Callable[[Any, Path, Path], dict[str, Any]], resume: bool,
+                        progress: Callable[[int, int, dict[str, float]], None] | None) -> dict[str, Any]:
+    """The run of a task that is evaluated once trained (tokenizer, feature encoder): write the recipe (not
+    over a finished run's, which the engine refuses), train, then on rank 0 ``evaluate(task, checkpoint, out)``
+    into ``out/metrics.json``. Returns {run_dir, step, stopped_by, checkpoint, train_metrics, evaluation}."""
     from medaug.train.checkpoint import latest_checkpoint
     from medaug.train.distributed import is_rank0, on_rank0
     from medaug.train.engine import train
 
-    steps = [f"train.max_steps={max_steps}"] if max_steps is not None else []
-    recipe = drop_unused_optimizers(load_tokenizer_recipe(recipe, [*overrides, *steps]))
-    out = Path(out)
-    task = TokenizerTask(data, recipe)
     if resume or latest_checkpoint(out) is None:  # else the engine refuses the folder; keep its recipe
-        on_rank0(write_json, out / RECIPE_FILE, to_dict(recipe))
-    result = train(task, recipe.train, out, resume=resume, progress=progress)
+        on_rank0(write_json, recipe_path, recipe_record)
+    result = train(task, config, out, resume=resume, progress=progress)
     summary: dict[str, Any] = {"run_dir": str(out), "step": result.step, "stopped_by": result.stopped_by,
                                "checkpoint": str(result.checkpoint_path) if result.checkpoint_path else None,
                                "train_metrics": result.metrics, "evaluation": None}
     if is_rank0() and result.checkpoint_path is not None:
-        summary["evaluation"] = evaluate_checkpoint(task, result.checkpoint_path, out)
+        summary["evaluation"] = evaluate(task, result.checkpoint_path, out)
         write_json(out / METRICS_FILE, {"step": result.step, "train": result.metrics, "evaluation": summary["evaluation"]})
     return summary
 

@@ -16,36 +16,10 @@ from medaug.models.sampling import (
     sample_memory_bytes,
     sample_tokens,
 )
-from medaug.models.var import VAR, VARConfig, var_preset
+from medaug.models.var import var_preset
 from medaug.models.vqvae import VQVAE, FastDecoder, VQVAEConfig, logits_to_label
 
-SIDES = (1, 2, 3, 4)
-STRUCTURES = 3
-
-
-def _config(**overrides) -> VARConfig:
-    """Tiny model with full-size AdaLN γ and head, so that logits differ clearly between tokens."""
-    settings = dict(depth=2, width=64, heads=4, patch_sides=SIDES, codebook_size=32, latent_dim=8,
-                    num_domains=2, num_structures=STRUCTURES, drop_path_rate=0.0, attn_impl="sdpa",
-                    init_adaln_gamma=1.0, init_head=1.0, init_adaln=1.0)
-    return VARConfig(**{**settings, **overrides})
-
-
-def _model_and_quantizer(config: VARConfig, seed: int = 0) -> tuple[VAR, MultiScaleQuantizer]:
-    torch.manual_seed(seed)
-    model = VAR(config).eval()
-    quantizer = MultiScaleQuantizer(QuantizerConfig(config.codebook_size, config.latent_dim, config.patch_sides))
-    with torch.no_grad():
-        quantizer.embedding.weight.normal_()
-    return model, quantizer
-
-
-def _conditions(batch: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    domain_B = torch.randint(2, (batch,), generator=generator)
-    present_BS = torch.rand(batch, STRUCTURES, generator=generator) < 0.5
-    annotated_BS = present_BS | (torch.rand(batch, STRUCTURES, generator=generator) < 0.5)
-    return domain_B, present_BS, annotated_BS
+from tests.models.test_sampling import SIDES, STRUCTURES, _conditions, _config, _model_and_quantizer  # noqa: F401
 
 
 # ---------------------------------------------------------------- same tokens as the basic sampler
