@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Several measurements in one device call (kind nvidia-h200-x2, <= 9 minutes), side by side:
+#   GPU 1: benchmarks/gpu_pipeline.sh (raw data -> prepare -> train -> synthesize -> own backbone -> metrics);
+#   GPU 0: benchmarks/sample.py part a (d16 sampler and decoder) then part b (d30);
+#   CPU:   benchmarks/phantom_sweep.py (tiny phantom pipeline budgets, CPU-only like CI, niced).
+# Everything it keeps lands in $OUT (at most 8 files): pipeline.tar.gz + pipeline.json, sample-h200.json,
+# phantom-sweep.json, logs.tar.gz.
+# On the device, from the repo root, carry [".whl", ".gpu-data"]:
+#   MEDAUG_COMMIT=$(git rev-parse HEAD) bash benchmarks/gpu_measure.sh
+# Environment: OUT (out/measure), PARTS (pipeline sample sweep), SAMPLE_DEADLINE_S (330 for part a; part b gets
+# what is left of 480), SWEEP_PARALLEL (10), SWEEP_THREADS (2), SWEEP_CONFIGS (default: all of phantom_sweep.py),
+# SWEEP_TIMEOUT_S (500).
+set -uo pipefail
+OUT=${OUT:-out/measure}
+PARTS=${PARTS:-pipeline sample sweep}
+SAMPLE_DEADLINE_S=${SAMPLE_DEADLINE_S:-330}
+SWEEP_PARALLEL=${SWEEP_PARALLEL:-10}
+SWEEP_THREADS=${SWEEP_THREADS:-2}
+SWEEP_CONFIGS=${SWEEP_CONFIGS:-}
+SWEEP_TIMEOUT_S=${SWEEP_TIMEOUT_S:-500}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+if [ -d .whl ] && ! python3 -c "import nibabel, monai" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+logs=$(mktemp -d)
+gpus=$(python3 -c 'import torch; print(torch.cuda.device_count())')
+pipe_gpu=$(( gpus >= 2 ? 1 : 0 ))
+pids=()
+case " $PARTS " in *" pipeline "*)
+  CUDA_VISIBLE_DEVICES=$pipe_gpu OUT="$logs/pipe" bash benchmarks/gpu_pipeline.sh > "$logs/pipeline.log" 2>&1 &
+  pids+=($!) ;;
+esac
+case " $PARTS " in *" sample "*)
+  (
+    CUDA_VISIBLE_DEVICES=0 python3 benchmarks/sample.py --part a --deadline-s "$SAMPLE_DEADLINE_S" \
+      --json-out "$logs/sample-a.json" > "$logs/sample-a.log" 2>&1
+    CUDA_VISIBLE_DEVICES=0 python3 benchmarks/sample.py --part b --deadline-s 150 \
+      --json-out "$logs/sample-b.json" > "$logs/sample-b.log" 2>&1
+  ) &
+  pids+=($!) ;;
+esac
+case " $PARTS " in *" sweep "*)
+  only=""
+  for name in $SWEEP_CONFIGS; do only="$only --only $name"; done
+  # shellcheck disable=SC2086
+  CUDA_VISIBLE_DEVICES="" timeout "$SWEEP_TIMEOUT_S" nice -n 10 python3 benchmarks/phantom_sweep.py --out "$logs/sweep" \
+    --parallel "$SWEEP_PARALLEL" --threads "$SWEEP_THREADS" $only --json-out "$OUT/phantom-sweep.json" \
+    > "$logs/sweep.log" 2>&1 &
+  pids+=($!) ;;
+esac
+for pid in "${pids[@]}"; do wait "$pid"; done
+python3 - "$logs" "$OUT" <<'EOF'
+import json, sys
+from pathlib import Path
+logs, out = Path(sys.argv[1]), Path(sys.argv[2])
+merged = {}
+for part in ("a", "b"):
+    path = logs / f"sample-{part}.json"
+    if path.exists():
+        data = json.loads(path.read_text())
+        for key, value in data.items():
+            merged[key if key not in merged or key == "benchmark" else f"{key}_{part}"] = value
+if merged:
+    (out / "sample-h200.json").write_text(json.dumps(merged, indent=2))
+EOF
+cp "$logs/pipe/pipeline.tar.gz" "$logs/pipe/pipeline.json" "$OUT/" 2>/dev/null
+tail -n 5 "$logs"/sweep/*.log > "$logs/sweep-configs.log" 2>/dev/null
+tar -czf "$OUT/logs.tar.gz" -C "$logs" --exclude=pipe --exclude=sweep . 2>/dev/null
+tail -n 8 "$logs"/*.log
+ls -la "$OUT"

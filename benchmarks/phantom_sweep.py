@@ -1,0 +1,150 @@
+"""Which training budget makes the tiny phantom pipeline good enough? A sweep of demo-sized runs.
+
+Each configuration runs the demo's stages (phantoms → prepare at 64² → ``medaug train all --recipe
+medvar-tiny`` with overrides → ``medaug synthesize`` of liver, prostate and brain_tumor, no files) in its
+own process with ``--threads`` torch threads, several at once, and records per configuration: the
+tokenizer's validation Dice per structure, MedVAR's last training loss/accuracy, condition adherence per
+target, and wall/CPU seconds per stage. Issue 11's quality acceptance test picks its budget from this.
+
+    python benchmarks/phantom_sweep.py --out /tmp/sweep --parallel 8 --threads 2 --json-out sweep.json
+    python benchmarks/phantom_sweep.py --out /tmp/sweep --only base --json-out sweep.json   # one config
+
+Configurations are named in ``CONFIGS``; ``--precision fp32`` (default) keeps GPU runs numerically like
+the CPU runs of CI (the sweep may run on a GPU machine's CPU cores or its GPU with ``--device``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# name → (subjects per domain, tokenizer steps, MedVAR steps, extra `--set` overrides)
+CONFIGS: dict[str, tuple[int, int, int, list[str]]] = {
+    "smoke": (4, 10, 10, []),  # checks the script (a few seconds)
+    "base": (4, 400, 400, []),
+    "subj8": (8, 400, 400, []),
+    "tok1200": (4, 1200, 400, []),
+    "var1200": (4, 400, 1200, []),
+    "subj8_800": (8, 800, 800, []),
+    "subj8_1200": (8, 1200, 1200, []),
+    "subj8_1200_tokb16": (8, 1200, 1200, ["tokenizer.train.batch_size=16"]),
+    "subj8_800_mask2": (8, 800, 800, ["tokenizer.losses.mask_ce=2.0", "tokenizer.losses.mask_dice=2.0"]),
+    "subj8_800_varb32": (8, 800, 800, ["var.train.batch_size=32"]),
+    "subj6_1000": (6, 1000, 1000, []),
+}
+TARGETS = ("liver", "prostate", "brain_tumor")
+
+
+def run_one(name: str, out: Path, device: str, precision: str, samples: int) -> dict[str, Any]:
+    """One configuration into ``out/name``: the stages in order; a record of what they gave."""
+    from medaug_cli import demo
+    from medaug.synth.plan import PlanRequest
+    from medaug.synth.run import ExportSettings, synthesize
+    from medaug.train.var_task import train_all
+
+    subjects, tokenizer_steps, var_steps, extra = CONFIGS[name]
+    folder = out / name
+    folder.mkdir(parents=True, exist_ok=True)
+    settings = demo.DemoSettings(subjects=subjects, device=device, steps_scale=1.0)
+    record: dict[str, Any] = {"config": name, "subjects": subjects, "tokenizer_steps": tokenizer_steps,
+                              "var_steps": var_steps, "extra": extra, "seconds": {}}
+    clock = time.perf_counter()
+    demo.run_phantoms(folder, settings, lambda *a: None)
+    record["prepare"] = demo.run_prepare_stage(folder, settings, lambda *a: None)
+    record["seconds"]["prepare"] = round(time.perf_counter() - clock, 1)
+    overrides = [override for override in demo.train_overrides(settings) if ".max_steps=" not in override
+                 and ".checkpoint_every=" not in override and "warmup_steps" not in override]
+    for stage, optimizer, steps in (("tokenizer", "vqvae", tokenizer_steps), ("var", "var", var_steps)):
+        overrides += [f"{stage}.train.max_steps={steps}", f"{stage}.train.checkpoint_every={steps}",
+                      f"{stage}.train.precision={precision}",
+                      f"{stage}.train.optim.{optimizer}.warmup_steps={demo.warmup(steps)}"]
+    clock = time.perf_counter()
+    trained = train_all(folder / "prepared", demo.GENERATOR_RECIPE, folder / "medvar", resume=True,
+                        overrides=overrides + extra)
+    record["seconds"]["train"] = round(time.perf_counter() - clock, 1)
+    evaluation = trained["tokenizer"].get("evaluation") or {}
+    record["tokenizer_val"] = {"psnr": (evaluation.get("image_mean") or {}).get("psnr"),
+                               "dice_mean": evaluation.get("dice_mean"),
+                               "dice": {name: (entry or {}).get("dice")
+                                        for name, entry in (evaluation.get("structures") or {}).items()}}
+    record["var_train"] = {key: (trained["var"].get("train_metrics") or {}).get(key) for key in ("loss", "acc")}
+    clock = time.perf_counter()
+    request = PlanRequest(n=samples, targets=TARGETS, batch_size=16, seed=0)
+    result = synthesize(folder / "medvar", folder / "synthetic", request, ExportSettings(formats=(), montage=24),
+                        device=device, resume=True)
+    record["seconds"]["synthesize"] = round(time.perf_counter() - clock, 1)
+    record["adherence"] = {target: entry["fraction"] for target, entry in result.summary["adherence"]["targets"].items()}
+    record["cpu_s"] = round(time.process_time(), 1)
+    return record
+
+
+def launch(names: list[str], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Run the configurations as subprocesses, ``--parallel`` at a time; their records in order."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    pending, running, records = list(names), {}, {}
+    while pending or running:
+        while pending and len(running) < args.parallel:
+            name = pending.pop(0)
+            log = open(args.out / f"{name}.log", "w")
+            command = [sys.executable, __file__, "--one", name, "--out", str(args.out), "--device", args.device,
+                       "--precision", args.precision, "--samples", str(args.samples)]
+            running[name] = (subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env), log)
+        time.sleep(2)
+        for name, (process, log) in list(running.items()):
+            if process.poll() is not None:
+                log.close()
+                path = args.out / name / "record.json"
+                records[name] = json.loads(path.read_text()) if path.is_file() else {
+                    "config": name, "error": (args.out / f"{name}.log").read_text()[-800:]}
+                del running[name]
+                if args.json_out:  # what is done so far survives a killed sweep
+                    partial = {"partial": True, "records": [records[n] for n in names if n in records]}
+                    args.json_out.write_text(json.dumps(partial, indent=2, default=str) + "\n")
+                print(json.dumps({"done": name, "adherence": records[name].get("adherence"),
+                                  "tokenizer_dice_mean": (records[name].get("tokenizer_val") or {}).get("dice_mean")}),
+                      flush=True)
+    return [records[name] for name in names]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--only", action="append", help="configuration name (repeatable; default all)")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--parallel", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", default="fp32")
+    parser.add_argument("--samples", type=int, default=96)
+    parser.add_argument("--json-out", type=Path)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.one:
+        import torch
+
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+        record = run_one(args.one, args.out, args.device, args.precision, args.samples)
+        (args.out / args.one / "record.json").write_text(json.dumps(record, indent=2, default=str))
+        return
+    started = time.perf_counter()
+    records = launch(args.only or [name for name in CONFIGS if name != "smoke"], args)
+    result = {"benchmark": "phantom_sweep", "date": time.strftime("%Y-%m-%d"), "threads": args.threads,
+              "parallel": args.parallel, "device": args.device, "precision": args.precision,
+              "cpu": os.cpu_count(), "wall_s": round(time.perf_counter() - started, 1), "records": records}
+    text = json.dumps(result, indent=2, default=str)
+    if args.json_out:
+        args.json_out.parent.mkdir(parents=True, exist_ok=True)
+        args.json_out.write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
