@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
-# Several measurements in one device call (kind nvidia-h200-x2, <= 9 minutes), side by side:
-#   GPU 1: benchmarks/gpu_pipeline.sh (raw data -> prepare -> train -> synthesize -> own backbone -> metrics);
-#   GPU 0: benchmarks/sample.py part a (d16 sampler and decoder) then part b (d30);
-#   CPU:   benchmarks/phantom_sweep.py (tiny phantom pipeline budgets, CPU-only like CI, niced).
-# Everything it keeps lands in $OUT (at most 8 files): pipeline.tar.gz + pipeline.json, sample-h200.json,
-# phantom-sweep.json, logs.tar.gz.
+# Several measurements in one device call (kind nvidia-h200-x2, <= 9 minutes), side by side (PARTS picks them):
+#   pipeline   GPU 1: benchmarks/gpu_pipeline.sh (raw data -> prepare -> train -> synthesize -> own backbone -> metrics);
+#   downstream GPU 0: gpu_pipeline.sh on BraTS + phantoms with shorter training, then `medaug evaluate downstream`;
+#   sample     GPU 0: benchmarks/sample.py part a (d16 sampler and decoder) then part b (d30);
+#   sweep      benchmarks/phantom_sweep.py (tiny phantom pipeline budgets; SWEEP_DEVICE cpu like CI, or cuda).
+# Every part runs under a timeout that ends it LIMIT_S seconds after the start, so the logs always come back.
+# Everything it keeps lands in $OUT (at most 8 files): pipeline.tar.gz + pipeline.json, downstream.tar.gz +
+# downstream.json, sample-h200.json, phantom-sweep.json, logs.tar.gz.
 # On the device, from the repo root, carry [".whl", ".gpu-data"]:
 #   MEDAUG_COMMIT=$(git rev-parse HEAD) bash benchmarks/gpu_measure.sh
 # Environment: OUT (out/measure), PARTS (pipeline sample sweep), SAMPLE_DEADLINE_S (330 for part a; part b gets
 # what is left of 480), SWEEP_PARALLEL (10), SWEEP_THREADS (2), SWEEP_CONFIGS (default: all of phantom_sweep.py),
-# SWEEP_TIMEOUT_S (500).
+# SWEEP_DEVICE (cpu), SWEEP_ROUND2 (non-empty: round-2 configs), LIMIT_S (530), DOWNSTREAM_ENV / PIPELINE_ENV
+# (variables for the two gpu_pipeline.sh runs).
 set -uo pipefail
 OUT=${OUT:-out/measure}
 PARTS=${PARTS:-pipeline sample sweep}
@@ -17,7 +20,11 @@ SAMPLE_DEADLINE_S=${SAMPLE_DEADLINE_S:-330}
 SWEEP_PARALLEL=${SWEEP_PARALLEL:-10}
 SWEEP_THREADS=${SWEEP_THREADS:-2}
 SWEEP_CONFIGS=${SWEEP_CONFIGS:-}
-SWEEP_TIMEOUT_S=${SWEEP_TIMEOUT_S:-500}
+SWEEP_DEVICE=${SWEEP_DEVICE:-cpu}
+SWEEP_ROUND2=${SWEEP_ROUND2:-}
+LIMIT_S=${LIMIT_S:-530}
+DOWNSTREAM_ENV=${DOWNSTREAM_ENV:-SOURCES=brats+phantoms TOKENIZER_MINUTES=1.5 VAR_MINUTES=1.5 SYNTH_N=1536 SYNTH_ORGANS=\"brain_tumor prostate liver\" EVAL_STEPS=0 DOWNSTREAM=\"brain_tumor prostate\"}
+PIPELINE_ENV=${PIPELINE_ENV:-TOKENIZER_MINUTES=2 VAR_MINUTES=2 SYNTH_N=6000 EVAL_STEPS=300}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 if [ -d .whl ] && ! python3 -c "import nibabel, monai" 2>/dev/null; then
@@ -26,18 +33,26 @@ if [ -d .whl ] && ! python3 -c "import nibabel, monai" 2>/dev/null; then
 fi
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 logs=$(mktemp -d)
+start=$(date +%s)
+budget() { echo $(( LIMIT_S - ($(date +%s) - start) )); }
 gpus=$(python3 -c 'import torch; print(torch.cuda.device_count())')
 pipe_gpu=$(( gpus >= 2 ? 1 : 0 ))
 pids=()
 case " $PARTS " in *" pipeline "*)
-  CUDA_VISIBLE_DEVICES=$pipe_gpu OUT="$logs/pipe" bash benchmarks/gpu_pipeline.sh > "$logs/pipeline.log" 2>&1 &
+  env CUDA_VISIBLE_DEVICES=$pipe_gpu OUT="$logs/pipe" $PIPELINE_ENV timeout "$(budget)" bash benchmarks/gpu_pipeline.sh \
+    > "$logs/pipeline.log" 2>&1 &
+  pids+=($!) ;;
+esac
+case " $PARTS " in *" downstream "*)
+  eval "env CUDA_VISIBLE_DEVICES=0 OUT=$logs/down $DOWNSTREAM_ENV timeout $(budget) bash benchmarks/gpu_pipeline.sh" \
+    > "$logs/downstream.log" 2>&1 &
   pids+=($!) ;;
 esac
 case " $PARTS " in *" sample "*)
   (
-    CUDA_VISIBLE_DEVICES=0 python3 benchmarks/sample.py --part a --deadline-s "$SAMPLE_DEADLINE_S" \
+    CUDA_VISIBLE_DEVICES=0 timeout "$(budget)" python3 benchmarks/sample.py --part a --deadline-s "$SAMPLE_DEADLINE_S" \
       --json-out "$logs/sample-a.json" > "$logs/sample-a.log" 2>&1
-    CUDA_VISIBLE_DEVICES=0 python3 benchmarks/sample.py --part b --deadline-s 150 \
+    CUDA_VISIBLE_DEVICES=0 timeout "$(budget)" python3 benchmarks/sample.py --part b --deadline-s 150 \
       --json-out "$logs/sample-b.json" > "$logs/sample-b.log" 2>&1
   ) &
   pids+=($!) ;;
@@ -46,7 +61,9 @@ case " $PARTS " in *" sweep "*)
   only=""
   for name in $SWEEP_CONFIGS; do only="$only --only $name"; done
   # shellcheck disable=SC2086
-  CUDA_VISIBLE_DEVICES="" timeout "$SWEEP_TIMEOUT_S" nice -n 10 python3 benchmarks/phantom_sweep.py --out "$logs/sweep" \
+  if [ -n "$SWEEP_ROUND2" ]; then only="$only --round2"; fi
+  CUDA_VISIBLE_DEVICES=$([ "$SWEEP_DEVICE" = cpu ] && echo "" || echo 0) timeout "$(budget)" nice -n 10 \
+    python3 benchmarks/phantom_sweep.py --out "$logs/sweep" --device "$SWEEP_DEVICE" \
     --parallel "$SWEEP_PARALLEL" --threads "$SWEEP_THREADS" $only --json-out "$OUT/phantom-sweep.json" \
     > "$logs/sweep.log" 2>&1 &
   pids+=($!) ;;
@@ -67,7 +84,11 @@ if merged:
     (out / "sample-h200.json").write_text(json.dumps(merged, indent=2))
 EOF
 cp "$logs/pipe/pipeline.tar.gz" "$logs/pipe/pipeline.json" "$OUT/" 2>/dev/null
+cp "$logs/down/pipeline.tar.gz" "$OUT/downstream.tar.gz" 2>/dev/null
+cp "$logs/down/pipeline.json" "$OUT/downstream.json" 2>/dev/null
 tail -n 5 "$logs"/sweep/*.log > "$logs/sweep-configs.log" 2>/dev/null
-tar -czf "$OUT/logs.tar.gz" -C "$logs" --exclude=pipe --exclude=sweep . 2>/dev/null
+cp "$logs/pipe/run.log" "$logs/pipeline-run.log" 2>/dev/null
+cp "$logs/down/run.log" "$logs/downstream-run.log" 2>/dev/null
+tar -czf "$OUT/logs.tar.gz" -C "$logs" --exclude=pipe --exclude=down --exclude=sweep . 2>/dev/null
 tail -n 8 "$logs"/*.log
 ls -la "$OUT"

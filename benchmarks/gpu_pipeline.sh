@@ -19,7 +19,9 @@
 # SYNTH_N (10000 samples of `medaug synthesize` after training, timed end to end; 0 skips it), SYNTH_BATCH (256),
 # SYNTH_FORMATS (png), SYNTH_ORGANS ("liver prostate brain"), SYNTH_WORKERS (8 export threads), EVAL_STEPS (400 steps of
 # `medaug train features`, then `medaug evaluate metrics` with that own backbone; 0 skips both), FEATURES_RECIPE
-# (features), EVAL_DEVICE (cuda when present, else cpu).
+# (features), EVAL_DEVICE (cuda when present, else cpu), DOWNSTREAM (structures for `medaug evaluate downstream`,
+# e.g. "brain_tumor prostate"; empty skips it), DOWNSTREAM_STEPS (300), DOWNSTREAM_SEEDS (3), DOWNSTREAM_FRACTIONS
+# (0.25,1), DOWNSTREAM_RATIOS (0.5). SOURCES may also be brats+phantoms (BraTS 2013 and the phantoms only).
 set -euo pipefail
 OUT=${OUT:-out/pipeline}
 SOURCES=${SOURCES:-real+phantoms}
@@ -44,6 +46,11 @@ SYNTH_ORGANS=${SYNTH_ORGANS:-liver prostate brain}
 SYNTH_WORKERS=${SYNTH_WORKERS:-8}
 EVAL_STEPS=${EVAL_STEPS:-400}
 FEATURES_RECIPE=${FEATURES_RECIPE:-features}
+DOWNSTREAM=${DOWNSTREAM:-}
+DOWNSTREAM_STEPS=${DOWNSTREAM_STEPS:-300}
+DOWNSTREAM_SEEDS=${DOWNSTREAM_SEEDS:-3}
+DOWNSTREAM_FRACTIONS=${DOWNSTREAM_FRACTIONS:-0.25,1}
+DOWNSTREAM_RATIOS=${DOWNSTREAM_RATIOS:-0.5}
 EVAL_DEVICE=${EVAL_DEVICE:-$(python3 -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")}
 TOKENIZER_EXTRA=${TOKENIZER_EXTRA:-}
 VAR_EXTRA=${VAR_EXTRA:-}
@@ -66,18 +73,22 @@ log "phantoms ($PHANTOMS per domain), sources: $SOURCES"
 medaug phantoms --out "$work/phantoms" --n "$PHANTOMS" --json > "$work/phantoms.json"
 {
   echo "sources:"
-  if [ "$SOURCES" = "real+phantoms" ]; then
+  if [ "$SOURCES" = "real+phantoms" ] || [ "$SOURCES" = "brats+phantoms" ]; then
     echo "  - {path: $real/brats2013, dataset: $(pwd)/recipes/datasets/brats2013.yaml}"
+  fi
+  if [ "$SOURCES" = "real+phantoms" ]; then
     echo "  - {path: $real/totalsegmentator, dataset: $(pwd)/recipes/datasets/real_totalsegmentator_ct_sm.yaml}"
     echo "  - {path: $real/totalsegmentator, dataset: $(pwd)/recipes/datasets/real_totalsegmentator_mr.yaml}"
   fi
   echo "  - {path: $work/phantoms/ct_abdomen, dataset: $(pwd)/recipes/datasets/phantom_ct_abdomen.yaml}"
   echo "  - {path: $work/phantoms/mr_prostate, dataset: $(pwd)/recipes/datasets/phantom_mr_prostate.yaml}"
   echo "  - {path: $work/phantoms/mr_brain, dataset: $(pwd)/recipes/datasets/phantom_mr_brain.yaml}"
+  echo "domains:"
+  echo "  ct/abdomen: {modality: ct, channels: [ct], spacing_mm: 1.5, size: 256, intensity: {ct: {window_hu: [-160, 240]}}}"
+  if [ "$SOURCES" = "real+phantoms" ]; then
+    echo "  mr/abdomen: {modality: mr, channels: [mr], spacing_mm: 1.5, size: 256, intensity: {mr: {percentiles: [0.5, 99.5]}}}"
+  fi
   cat <<EOF
-domains:
-  ct/abdomen: {modality: ct, channels: [ct], spacing_mm: 1.5, size: 256, intensity: {ct: {window_hu: [-160, 240]}}}
-  mr/abdomen: {modality: mr, channels: [mr], spacing_mm: 1.5, size: 256, intensity: {mr: {percentiles: [0.5, 99.5]}}}
   mr/prostate: {modality: mr, channels: [t2, adc], spacing_mm: 0.6, size: 256, intensity: {t2: {percentiles: [0.5, 99.5]}, adc: {percentiles: [0.5, 99.5]}}}
   mr/brain: {modality: mr, channels: [flair, t1c], spacing_mm: 1.0, size: 256, intensity: {flair: {percentiles: [0.5, 99.5]}, t1c: {percentiles: [0.5, 99.5]}}}
 EOF
@@ -124,6 +135,17 @@ if [ "$SYNTH_N" -gt 0 ] && [ "$EVAL_STEPS" -gt 0 ]; then
   cp "$work/report/report.md" "$OUT/metrics_report.md" 2>/dev/null || true
 fi
 mark end_eval
+if [ "$SYNTH_N" -gt 0 ] && [ -n "$DOWNSTREAM" ]; then
+  log "downstream segmentation ($DOWNSTREAM; $DOWNSTREAM_STEPS steps x $DOWNSTREAM_SEEDS seeds, fractions $DOWNSTREAM_FRACTIONS)"
+  structures=""
+  for name in $DOWNSTREAM; do structures="$structures --structure $name"; done
+  # shellcheck disable=SC2086
+  medaug evaluate downstream --real "$work/prepared" --synthetic "$work/synth" $structures --steps "$DOWNSTREAM_STEPS" \
+    --seeds "$DOWNSTREAM_SEEDS" --fractions "$DOWNSTREAM_FRACTIONS" --ratios "$DOWNSTREAM_RATIOS" --device "$EVAL_DEVICE" \
+    --out "$work/downstream" --json > "$work/downstream.json" || { log "downstream failed"; rm -f "$work/downstream.json"; }
+  cp "$work/downstream/report.md" "$OUT/downstream_report.md" 2>/dev/null || true
+fi
+mark end_downstream
 log "report"
 
 python3 - "$work" "$OUT" <<'PY'
@@ -143,7 +165,7 @@ def optional(name):
     return json.loads(path.read_text()) if path.is_file() and path.stat().st_size else None
 
 
-features, metrics = optional("features.json"), optional("metrics.json")
+features, metrics, downstream = optional("features.json"), optional("metrics.json"), optional("downstream.json")
 
 
 def records(path):
@@ -202,7 +224,8 @@ summary = {
     "stage_seconds": {"phantoms_and_recipe": marks["start_prepare"], "prepare": marks["end_prepare"] - marks["start_prepare"],
                       "train_all": marks["end_train"] - marks["start_train"],
                       "synthesize": marks["end_synth"] - marks["end_train"],
-                      "evaluate": marks["end_eval"] - marks["end_synth"], "total": marks["end_eval"]},
+                      "evaluate": marks["end_eval"] - marks["end_synth"],
+                      "downstream": marks["end_downstream"] - marks["end_eval"], "total": marks["end_downstream"]},
     "prepare": {key: prepare.get(key) for key in ("volumes_total", "volumes_rejected", "slices", "slices_per_domain",
                                                   "slices_per_split") if key in prepare},
     "tokenizer": {"step": tokenizer.get("step"), "stopped_by": tokenizer.get("stopped_by"),
@@ -220,6 +243,7 @@ summary = {
         "adherence": synth.get("adherence", {}).get("targets")},
     "features": None if features is None else {"step": features.get("step"), "evaluation": features.get("evaluation")},
     "metrics": metrics,
+    "downstream": downstream,
 }
 (out / "pipeline.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
 print(json.dumps({key: summary[key] for key in ("stage_seconds", "prepare")}, default=str))
@@ -233,6 +257,7 @@ mkdir -p "$pack"
 cp "$OUT/pipeline.json" "$OUT/loss_curves.png" "$OUT/run.log" "$work/prepare.json" "$work/train.json" "$work/prepare.yaml" "$pack/"
 cp "$work/synth.json" "$OUT/synth_montage.png" "$pack/" 2>/dev/null || true
 cp -r "$work/report" "$pack/metrics_report" 2>/dev/null || true
+cp -r "$work/downstream" "$pack/downstream_report" 2>/dev/null || true
 cp "$work/gen/tokenizer_run/log.jsonl" "$pack/tokenizer_log.jsonl"
 cp "$work/gen/log.jsonl" "$pack/var_log.jsonl"
 cp "$work/gen/tokenizer_run/metrics.json" "$pack/tokenizer_metrics.json" 2>/dev/null || true

@@ -12,7 +12,10 @@ The ``medaug.monai`` datasets in a plain MONAI loop:
 * ``MixedDataset`` at ``--ratio`` synthetic; under torchrun each process reads its ``DistributedSampler`` share;
 * dictionary transforms: ``RandAffined`` on image and label together (nearest for the label), ``RandGaussianNoised``
   on the image only; no left-right flip (it would swap laterality, DESIGN §4);
-* a MONAI ``UNet``, Dice + cross-entropy that skip ignore (255) pixels, ``DiceMetric`` on the real test split.
+* a MONAI ``UNet``, Dice + cross-entropy that skip ignore (255) pixels, ``DiceMetric`` and HD95 on the real test split.
+
+The UNet, the loss, the augmentation and the scoring come from ``medaug.eval.segmentation``, which
+``medaug evaluate downstream`` uses too; this script adds the multi-process (torchrun) training loop.
 
 Prints one JSON summary; with ``--out`` also writes ``summary.json`` and ``model.pt`` (the UNet's state dict).
 """
@@ -29,21 +32,22 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from monai.data import DataLoader
-from monai.data import DistributedSampler as MonaiDistributedSampler
-from monai.losses import MaskedDiceLoss
-from monai.metrics import DiceMetric
-from monai.networks import one_hot
 from monai.networks.nets import UNet
-from monai.transforms import Compose, RandAffined, RandGaussianNoised
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset, DistributedSampler, RandomSampler
 
+from medaug.eval.segmentation import (
+    IgnoringDiceCELoss,
+    augment_transforms,
+    build_unet,
+    mean_over_classes,
+    predict,
+    score_segmentation,
+)
 from medaug.monai import MixedDataset, SliceDataset, SyntheticDataset, annotating_domains
 
 log = logging.getLogger("train_unet_monai")
-IGNORE = 255  # medaug's ignore label: pixels that neither the loss nor the metric look at
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -85,17 +89,6 @@ def setup_distributed(device_name: str) -> tuple[int, int, torch.device]:
     return dist.get_rank(), world, device
 
 
-def train_transforms(seed: int) -> Compose:
-    """Geometry on image and label together (the label resampled nearest), intensity noise on the image only."""
-    transforms = Compose([
-        RandAffined(keys=["image", "label"], prob=0.8, rotate_range=0.26, scale_range=(0.1, 0.1),
-                    translate_range=(4, 4), mode=("bilinear", "nearest"), padding_mode="zeros"),
-        RandGaussianNoised(keys="image", prob=0.5, std=0.05),
-    ])
-    transforms.set_random_state(seed)
-    return transforms
-
-
 def build_datasets(args: argparse.Namespace, rank: int) -> tuple[Dataset, SliceDataset, list[str]]:
     """(train set: real, or real + synthetic mixed at --ratio; real test set; domains)."""
     domains = args.domain or annotating_domains(args.real, args.structure)
@@ -103,39 +96,17 @@ def build_datasets(args: argparse.Namespace, rank: int) -> tuple[Dataset, SliceD
         raise SystemExit(f"no domain of {args.real} annotates {args.structure}; pass --domain or other --structure")
     channels = "domain" if len(domains) == 1 else "max"
     options = {"domains": domains, "channels": channels, "classes": args.structure}
-    real = SliceDataset(args.real, split="train", transform=train_transforms(args.seed + rank), **options)
+    real = SliceDataset(args.real, split="train", transform=augment_transforms(args.seed + rank), **options)
     test = SliceDataset(args.real, split="test", **options)
     if args.synthetic is None or args.ratio == 0.0:
         return real, test, domains
-    synthetic = SyntheticDataset(args.synthetic, transform=train_transforms(args.seed + rank + 10_000), **options)
+    synthetic = SyntheticDataset(args.synthetic, transform=augment_transforms(args.seed + rank + 10_000), **options)
     return MixedDataset(real, synthetic, synthetic_fraction=args.ratio, seed=args.seed), test, domains
 
 
 def build_model(in_channels: int, num_classes: int, features: str) -> UNet:
-    """A 2D UNet: ``num_classes`` structures + background out; channels per level from ``features``."""
-    channels = tuple(int(width) for width in features.split(","))
-    return UNet(spatial_dims=2, in_channels=in_channels, out_channels=num_classes + 1, channels=channels,
-                strides=(2,) * (len(channels) - 1), num_res_units=1)
-
-
-class IgnoringDiceCELoss(torch.nn.Module):
-    """MONAI's ``DiceCELoss(to_onehot_y=True, softmax=True)`` with pixels labelled 255 left out of both terms.
-
-    Dice: ``MaskedDiceLoss`` (softmax first, then the mask); cross-entropy: ``ignore_index``. Equal to
-    ``DiceCELoss`` when no pixel is ignored.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.dice = MaskedDiceLoss(to_onehot_y=True, softmax=True)
-
-    def forward(self, logits_BKHW: torch.Tensor, label_B1HW: torch.Tensor) -> torch.Tensor:
-        valid_B1HW = label_B1HW != IGNORE
-        target_B1HW = torch.where(valid_B1HW, label_B1HW, 0)
-        dice = self.dice(logits_BKHW, target_B1HW, mask=valid_B1HW)
-        if not bool(valid_B1HW.any()):
-            return dice
-        return dice + F.cross_entropy(logits_BKHW, label_B1HW[:, 0].long(), ignore_index=IGNORE)
+    """``medaug.eval.segmentation.build_unet`` with the channels per level from ``features`` ("16,32,64,128")."""
+    return build_unet(in_channels, num_classes, tuple(int(width) for width in features.split(",")))
 
 
 def train(args: argparse.Namespace) -> dict[str, Any]:
@@ -160,7 +131,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         "seen_synthetic_fraction": seen[0] / seen[1],
         "world_size": world, "device": str(device), "train_seconds": round(time.perf_counter() - started, 2),
     }
-    summary.update(evaluate(model, test_set, args.batch_size, device, rank, world))
+    summary.update(evaluate(model, test_set, args.batch_size, device, rank))
     if rank == 0:
         write_outputs(args.out, summary, model)
     if world > 1:
@@ -200,31 +171,22 @@ def run_steps(args: argparse.Namespace, loader: DataLoader, sampler: Any, train_
     return losses, (int(counts[0]), int(counts[1]))
 
 
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, test_set: SliceDataset, batch_size: int, device: torch.device, rank: int = 0,
-             world: int = 1) -> dict[str, Any]:
-    """Dice per class on the real test split: mean over the slices that contain the class (ignore pixels left out).
+def evaluate(model: torch.nn.Module, test_set: SliceDataset, batch_size: int, device: torch.device,
+             rank: int = 0) -> dict[str, Any]:
+    """Dice and HD95 (mm) per class on the real test split (``medaug.eval.segmentation.score_segmentation``:
+    Dice is the mean over the slices that contain the class, ignore pixels left out); rank 0 scores the whole
+    split, other ranks return nothing.
 
-    ``test_dice`` is the mean over classes; a class in no test slice has Dice None. Under torchrun each rank
-    scores its share of the slices and ``DiceMetric`` gathers the scores of all ranks (MONAI's metrics
-    all-gather whenever a process group exists, so every rank must call this).
+    ``test_dice`` is the mean over classes; a class in no test slice has Dice None.
     """
-    model.eval()
-    classes = len(test_set.class_names) + 1
-    metric = DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=True)
-    shares = MonaiDistributedSampler(test_set, even_divisible=False, num_replicas=world, rank=rank, shuffle=False)
-    for batch in DataLoader(test_set, batch_size=batch_size, sampler=shares if world > 1 else None):
-        label_B1HW = batch["label"].as_tensor().to(device)
-        predicted_B1HW = model(batch["image"].as_tensor().to(device)).argmax(dim=1, keepdim=True)
-        valid_B1HW = label_B1HW != IGNORE
-        metric(y_pred=one_hot(torch.where(valid_B1HW, predicted_B1HW, 0), classes),
-               y=one_hot(torch.where(valid_B1HW, label_B1HW, 0).long(), classes))
-    per_class = metric.aggregate().tolist() if len(test_set) else [float("nan")] * (classes - 1)
-    dice = {name: (None if value != value else round(value, 6)) for name, value in zip(test_set.class_names, per_class)}
-    scored = [value for value in dice.values() if value is not None]
-    model.train()
-    return {"test_slices": len(test_set), "test_dice_per_class": dice,
-            "test_dice": sum(scored) / len(scored) if scored else None}
+    if rank != 0:
+        return {}
+    predicted = predict(model, test_set, batch_size, device)
+    scores = score_segmentation(predicted.pred_NHW, predicted.label_NHW, test_set.class_names, predicted.spacing_N2)
+    rounded = {key: {name: None if entry[key] is None else round(entry[key], 6) for name, entry in scores.items()}
+               for key in ("dice", "hd95_mm")}
+    return {"test_slices": len(test_set), "test_dice_per_class": rounded["dice"],
+            "test_hd95_mm_per_class": rounded["hd95_mm"], "test_dice": mean_over_classes(scores, "dice")}
 
 
 def write_outputs(out: Path | None, summary: dict[str, Any], model: torch.nn.Module) -> None:

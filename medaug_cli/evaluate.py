@@ -1,4 +1,5 @@
-"""``medaug evaluate``: judge synthetic data (``metrics``; ``downstream`` later)."""
+"""``medaug evaluate``: judge synthetic data (``metrics``: distributions and memorization; ``downstream``:
+segmentation trained with and without it)."""
 
 from __future__ import annotations
 
@@ -111,4 +112,82 @@ def render_summary(result: dict[str, Any], out: Path) -> None:
     console.print(f"report: {out / 'report.html'}", soft_wrap=True, highlight=False)
 
 
-__all__ = ["app", "metrics", "parse_backbones", "render_summary"]
+def parse_floats(text: str, option: str) -> tuple[float, ...]:
+    """``"0.1,0.25,1"`` → (0.1, 0.25, 1.0); raises ValueError naming ``option`` for anything else."""
+    try:
+        values = tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise ValueError(f"{option} {text}: expected comma-separated numbers, e.g. 0.1,0.25,1") from None
+    if not values:
+        raise ValueError(f"{option} is empty; expected comma-separated numbers, e.g. 0.1,0.25,1")
+    return values
+
+
+@app.command("downstream")
+def downstream(
+    real: Path = typer.Option(..., "--real", help="The real prepared dataset (medaug prepare --out)."),
+    synthetic: Path = typer.Option(..., "--synthetic", help="A synthetic folder (medaug synthesize --out)."),
+    structure: list[str] = typer.Option(..., "--structure", metavar="NAME", help="Structure to segment, a vocabulary name (repeatable); its sub-structures count as it."),
+    steps: int = typer.Option(500, "--steps", min=1, help="Optimizer steps of every run (the same in every arm)."),
+    seeds: int = typer.Option(3, "--seeds", min=1, help="Runs per cell (seeds 0..N-1); cells report mean ± sd."),
+    fractions: str = typer.Option("0.1,0.25,1", "--fractions", help="Shares of the real train split's patient groups, comma-separated, in (0, 1]."),
+    ratios: str = typer.Option("0.5", "--ratios", help="Synthetic shares of the real+synthetic arm, comma-separated, in (0, 1)."),
+    arms: str = typer.Option("real,real+synthetic,synthetic", "--arms", help="Arms to train, comma-separated: real, real+synthetic, synthetic."),
+    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Slices per optimizer step."),
+    lr: float = typer.Option(1e-3, "--lr", min=0.0, help="AdamW learning rate."),
+    eval_every: Optional[int] = typer.Option(None, "--eval-every", min=1, help="Steps between learning-curve points (default: a tenth of --steps)."),
+    device: str = typer.Option("auto", "--device", help="Where the UNets train: auto (cuda when available), cpu, cuda, cuda:1..."),
+    allow_overlap: bool = typer.Option(False, "--allow-overlap", help="Run even when the real test rows hold the generator's training patients (flagged in the report)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Report folder: downstream.json, report.md, report.html, learning_curves.png."),
+    json_output: bool = typer.Option(False, "--json", help="Print downstream.json instead of the summary tables."),
+) -> None:
+    """Train a UNet on real, real+synthetic and synthetic slices; Dice and HD95 on the real test split.
+
+    Example: medaug evaluate downstream --real prepared/demo --synthetic synth/demo --structure prostate --steps 2000 --out reports/downstream
+
+    Every run has the same steps; fractions take whole patient groups; real test rows of the generator's patients are refused.
+    """
+    from medaug.errors import MedaugError
+    from medaug.eval.downstream import DownstreamConfig, evaluate_downstream
+
+    try:
+        config = DownstreamConfig(structures=tuple(structure), steps=steps, seeds=seeds,
+                                  fractions=parse_floats(fractions, "--fractions"), ratios=parse_floats(ratios, "--ratios"),
+                                  arms=tuple(arm.strip() for arm in arms.split(",") if arm.strip()), batch_size=batch_size,
+                                  lr=lr, eval_every=eval_every, device=device, allow_overlap=allow_overlap)
+        result = _run_with_status(evaluate_downstream, json_output, real, synthetic, config, out)
+    except (MedaugError, ValueError) as error:
+        print_error(str(error))
+        raise typer.Exit(2) from None
+    if json_output:
+        print_json(result)
+        return
+    render_downstream(result, out)
+
+
+def render_downstream(result: dict[str, Any], out: Optional[Path]) -> None:
+    """Lineage, the arm × fraction table, mask fidelity and where the report is."""
+    from medaug.eval.report import format_number
+
+    def plus_minus(entry: dict[str, Any]) -> str:
+        if entry.get("mean") is None:
+            return "-"
+        sd = "" if entry.get("sd") is None else f" ± {format_number(entry['sd'])}"
+        return f"{format_number(entry['mean'])}{sd}"
+
+    lineage = result["lineage"]
+    console.print(f"lineage: {lineage['status']} - {lineage['message']}", soft_wrap=True, highlight=False)
+    rows = [[cell["arm"], format_number(cell["fraction"]), format_number(cell["ratio"]), plus_minus(cell["dice"]),
+             plus_minus(cell["hd95_mm"]), cell["n_seeds"]] for cell in result["cells"]]
+    console.print(table(f"Real test split ({result['counts']['real_test']} slices), {', '.join(result['structures'])}",
+                        ["arm", "real fraction", "synthetic ratio", "Dice", "HD95 (mm)", "n"], rows))
+    fidelity = [[name, format_number(entry["synthetic_dice"]), format_number(entry["real_test_dice"]),
+                 format_number(entry["shuffled_real_dice"])]
+                for name, entry in result["mask_fidelity"]["structures"].items()]
+    console.print(table("Mask fidelity (Dice of the real-only UNet)",
+                        ["structure", "synthetic", "real test", "shuffled real"], fidelity))
+    if out is not None:
+        console.print(f"report: {out / 'report.html'}", soft_wrap=True, highlight=False)
+
+
+__all__ = ["app", "downstream", "metrics", "parse_backbones", "parse_floats", "render_downstream", "render_summary"]
