@@ -23,7 +23,7 @@ SWEEP_CONFIGS=${SWEEP_CONFIGS:-}
 SWEEP_DEVICE=${SWEEP_DEVICE:-cpu}
 SWEEP_ROUND2=${SWEEP_ROUND2:-}
 LIMIT_S=${LIMIT_S:-530}
-DOWNSTREAM_ENV=${DOWNSTREAM_ENV:-SOURCES=brats+phantoms TOKENIZER_MINUTES=1.5 VAR_MINUTES=1.5 SYNTH_N=1536 SYNTH_ORGANS=\"brain_tumor prostate liver\" EVAL_STEPS=0 DOWNSTREAM=\"brain_tumor prostate\"}
+DOWNSTREAM_ENV=${DOWNSTREAM_ENV:-SOURCES=brats+phantoms TOKENIZER_MINUTES=1.5 VAR_MINUTES=1.5 SYNTH_N=1536 SYNTH_ORGANS=brain_tumor,prostate,liver EVAL_STEPS=0 DOWNSTREAM=brain_tumor,prostate}
 PIPELINE_ENV=${PIPELINE_ENV:-TOKENIZER_MINUTES=2 VAR_MINUTES=2 SYNTH_N=6000 EVAL_STEPS=300}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
@@ -44,7 +44,8 @@ case " $PARTS " in *" pipeline "*)
   pids+=($!) ;;
 esac
 case " $PARTS " in *" downstream "*)
-  eval "env CUDA_VISIBLE_DEVICES=0 OUT=$logs/down $DOWNSTREAM_ENV timeout $(budget) bash benchmarks/gpu_pipeline.sh" \
+  # shellcheck disable=SC2086  # DOWNSTREAM_ENV holds several NAME=value words
+  env CUDA_VISIBLE_DEVICES=0 OUT="$logs/down" $DOWNSTREAM_ENV timeout "$(budget)" bash benchmarks/gpu_pipeline.sh \
     > "$logs/downstream.log" 2>&1 &
   pids+=($!) ;;
 esac
@@ -61,7 +62,7 @@ case " $PARTS " in *" sweep "*)
   only=""
   for name in $SWEEP_CONFIGS; do only="$only --only $name"; done
   # shellcheck disable=SC2086
-  if [ -n "$SWEEP_ROUND2" ]; then only="$only --round2"; fi
+  if [ -n "$SWEEP_ROUND2" ]; then only="$only --round2 --acceptance"; fi
   CUDA_VISIBLE_DEVICES=$([ "$SWEEP_DEVICE" = cpu ] && echo "" || echo 0) timeout "$(budget)" nice -n 10 \
     python3 benchmarks/phantom_sweep.py --out "$logs/sweep" --device "$SWEEP_DEVICE" \
     --parallel "$SWEEP_PARALLEL" --threads "$SWEEP_THREADS" $only --json-out "$OUT/phantom-sweep.json" \

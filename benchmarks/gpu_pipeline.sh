@@ -21,7 +21,7 @@
 # `medaug train features`, then `medaug evaluate metrics` with that own backbone; 0 skips both), FEATURES_RECIPE
 # (features), EVAL_DEVICE (cuda when present, else cpu), DOWNSTREAM (structures for `medaug evaluate downstream`,
 # e.g. "brain_tumor prostate"; empty skips it), DOWNSTREAM_STEPS (300), DOWNSTREAM_SEEDS (3), DOWNSTREAM_FRACTIONS
-# (0.25,1), DOWNSTREAM_RATIOS (0.5). SOURCES may also be brats+phantoms (BraTS 2013 and the phantoms only).
+# (0.25,1), DOWNSTREAM_RATIOS (0.5). SYNTH_ORGANS and DOWNSTREAM take spaces or commas between names. SOURCES may also be brats+phantoms (BraTS 2013 and the phantoms only).
 set -euo pipefail
 OUT=${OUT:-out/pipeline}
 SOURCES=${SOURCES:-real+phantoms}
@@ -119,7 +119,7 @@ mark end_train
 if [ "$SYNTH_N" -gt 0 ]; then
   log "synthesize $SYNTH_N samples (${SYNTH_FORMATS}, batch $SYNTH_BATCH) balanced over $SYNTH_ORGANS"
   organs=""
-  for organ in $SYNTH_ORGANS; do organs="$organs --organ $organ"; done
+  for organ in ${SYNTH_ORGANS//,/ }; do organs="$organs --organ $organ"; done
   medaug synthesize --checkpoint "$work/gen" --out "$work/synth" -n "$SYNTH_N" $organs --format "$SYNTH_FORMATS" \
     --batch-size "$SYNTH_BATCH" --workers "$SYNTH_WORKERS" --json > "$work/synth.json"
   cp "$work/synth/montage.png" "$OUT/synth_montage.png" 2>/dev/null || true
@@ -138,7 +138,7 @@ mark end_eval
 if [ "$SYNTH_N" -gt 0 ] && [ -n "$DOWNSTREAM" ]; then
   log "downstream segmentation ($DOWNSTREAM; $DOWNSTREAM_STEPS steps x $DOWNSTREAM_SEEDS seeds, fractions $DOWNSTREAM_FRACTIONS)"
   structures=""
-  for name in $DOWNSTREAM; do structures="$structures --structure $name"; done
+  for name in ${DOWNSTREAM//,/ }; do structures="$structures --structure $name"; done
   # shellcheck disable=SC2086
   medaug evaluate downstream --real "$work/prepared" --synthetic "$work/synth" $structures --steps "$DOWNSTREAM_STEPS" \
     --seeds "$DOWNSTREAM_SEEDS" --fractions "$DOWNSTREAM_FRACTIONS" --ratios "$DOWNSTREAM_RATIOS" --device "$EVAL_DEVICE" \

@@ -54,7 +54,8 @@ MIN_PIXELS = 8  # a target counts as shown when its pixels cover at least this m
 TARGETS = ("liver", "prostate", "brain_tumor")
 
 
-def run_one(name: str, out: Path, device: str, precision: str, samples: int, cfgs: list[float]) -> dict[str, Any]:
+def run_one(name: str, out: Path, device: str, precision: str, samples: int, cfgs: list[float],
+            acceptance: bool = False) -> dict[str, Any]:
     """One configuration into ``out/name``: the stages in order; a record of what they gave."""
     from medaug_cli import demo
     from medaug.synth.plan import PlanRequest, SamplingSettings
@@ -88,6 +89,10 @@ def run_one(name: str, out: Path, device: str, precision: str, samples: int, cfg
                                         for name, entry in (evaluation.get("structures") or {}).items()}}
     record["var_train"] = {key: (trained["var"].get("train_metrics") or {}).get(key) for key in ("loss", "acc")}
     record["adherence_by_cfg"] = {}
+    if acceptance:
+        clock = time.perf_counter()
+        record["features"] = demo.run_features(folder, settings, lambda *a: None)
+        record["seconds"]["features"] = round(time.perf_counter() - clock, 1)
     for cfg in cfgs:
         clock = time.perf_counter()
         request = PlanRequest(n=samples, targets=TARGETS, batch_size=16, seed=0, sampling=SamplingSettings(cfg=cfg))
@@ -97,8 +102,26 @@ def run_one(name: str, out: Path, device: str, precision: str, samples: int, cfg
         record["adherence_by_cfg"][f"{cfg:g}"] = {
             "any_pixel": {target: entry["fraction"] for target, entry in result.summary["adherence"]["targets"].items()},
             f"min_{MIN_PIXELS}_pixels": shown_fraction(folder / f"synthetic_cfg{cfg:g}")}
+        if acceptance:
+            clock = time.perf_counter()
+            record.setdefault("acceptance_by_cfg", {})[f"{cfg:g}"] = accept(folder, f"synthetic_cfg{cfg:g}", device)
+            record["seconds"][f"acceptance_cfg{cfg:g}"] = round(time.perf_counter() - clock, 1)
     record["cpu_s"] = round(time.process_time(), 1)
     return record
+
+
+def accept(folder: Path, synthetic: str, device: str) -> dict[str, Any]:
+    """``evaluate metrics`` (own backbone) and the acceptance checks of ``folder/synthetic``: per check
+    {passed, value}, and whether all passed."""
+    from medaug.eval.acceptance import acceptance_checks
+    from medaug.eval.evaluate import EvaluateConfig, evaluate_metrics
+
+    metrics = evaluate_metrics(folder / "prepared", folder / synthetic, {"medaug": folder / "features"},
+                               folder / f"report_{synthetic}", split="test",
+                               config=EvaluateConfig(device=device, min_group_size=8, figures=False))
+    result = acceptance_checks(folder / "prepared", folder / synthetic, folder / "features", TARGETS, metrics=metrics,
+                               unet_steps=300, device=device)
+    return {"passed": result["passed"], "checks": result["checks"]}
 
 
 def shown_fraction(folder: Path) -> dict[str, float]:
@@ -128,7 +151,7 @@ def launch(names: list[str], args: argparse.Namespace) -> list[dict[str, Any]]:
             name = pending.pop(0)
             log = open(args.out / f"{name}.log", "w")
             command = [sys.executable, __file__, "--one", name, "--out", str(args.out), "--device", args.device,
-                       "--precision", args.precision, "--samples", str(args.samples), "--cfgs", args.cfgs]
+                       "--precision", args.precision, "--samples", str(args.samples), "--cfgs", args.cfgs] + (["--acceptance"] if args.acceptance else [])
             running[name] = (subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env), log)
         time.sleep(2)
         for name, (process, log) in list(running.items()):
@@ -159,6 +182,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=96)
     parser.add_argument("--cfgs", default="1.5,3,5", help="guidance values to synthesize with (comma list)")
     parser.add_argument("--round2", action="store_true", help="only the round-2 configurations")
+    parser.add_argument("--acceptance", action="store_true", help="also train the feature encoder and run the "
+                        "acceptance checks (medaug.eval.acceptance) at every guidance value")
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -167,7 +192,7 @@ def main() -> None:
 
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
         record = run_one(args.one, args.out, args.device, args.precision, args.samples,
-                         [float(value) for value in args.cfgs.split(",")])
+                         [float(value) for value in args.cfgs.split(",")], args.acceptance)
         (args.out / args.one / "record.json").write_text(json.dumps(record, indent=2, default=str))
         return
     started = time.perf_counter()
