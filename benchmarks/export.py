@@ -228,7 +228,7 @@ def cases(samples: list[ExportSlice], per_slice: list[ExportSlice], reference_co
     subset = samples[:reference_count]
     labelled = [sample for sample in samples if structure_ids(sample.label_HW).size]
     seg_subset, dicom_subset = labelled[:seg_count], samples[:seg_count]
-    return {
+    table = {
         "png": (batch(samples, ("png",)), len(samples)),
         "png_1_worker": (batch(samples, ("png",), workers=1), len(samples)),
         "png_16bit_zlib1": (batch(samples, ("png",), png=PngOptions(compress_level=1)), len(samples)),
@@ -246,6 +246,13 @@ def cases(samples: list[ExportSlice], per_slice: list[ExportSlice], reference_co
         "seg": (lambda out: write_segs(seg_subset, out), len(seg_subset)),
         "reference_write_dicom_series": (lambda out: reference_write_dicom_series(subset, out), len(subset)),
     }
+    assert tuple(table) == CASE_NAMES, "CASE_NAMES lists the cases, in order"
+    return table
+
+
+CASE_NAMES = ("png", "png_1_worker", "png_16bit_zlib1", "png_8bit_window", "nifti", "nifti_1_worker", "nifti_gz",
+              "nifti_per_slice_affine", "reference_pillow_png", "reference_write_nifti", "dicom", "dicom_1_worker",
+              "dicom_sc", "dicom_with_seg", "seg", "reference_write_dicom_series")
 
 
 def write_throughput_mb_per_s(folder: Path, files: int = 1000, size: int = 256 * 1024) -> float:
@@ -293,9 +300,10 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
     prepared = Path(args.data) if args.data else prepare_phantoms(workdir)
     load_before = os.getloadavg()[0]
     places = storages(workdir)
+    chosen = args.cases.split(",") if args.cases else None
+    disk_cases = [name for name in ("png", "nifti", "dicom") if chosen is None or name in chosen]
     by_storage = {name: {"path": str(path), "disk_write_mb_per_s": write_throughput_mb_per_s(path),
-                         "by_domain": measure(prepared, path, None if name == "tmpfs" else ("png", "nifti", "dicom"),
-                                              args)}
+                         "by_domain": measure(prepared, path, chosen if name == "tmpfs" else disk_cases, args)}
                   for name, path in sorted(places.items(), reverse=True)}
     if "tmpfs" in places:
         shutil.rmtree(places["tmpfs"], ignore_errors=True)
@@ -310,7 +318,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
         "target_dicom_slices_per_s": TARGET_DICOM_SLICES_PER_S,
         "slices_per_s": rates,
         "pass": all(rates[fmt] >= TARGET_SLICES_PER_S for fmt in ("png", "nifti"))
-                and rates["dicom"] >= TARGET_DICOM_SLICES_PER_S,
+                and rates["dicom"] >= TARGET_DICOM_SLICES_PER_S if {"png", "nifti", "dicom"} <= rates.keys() else None,
         "slices_per_s_disk": headline(by_storage["disk"]["by_domain"]),
         "samples_per_case": args.samples,
         "seg_samples_per_case": args.seg_samples,
@@ -344,7 +352,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data", default=None, help="an existing prepared dataset with ct/abdomen and mr/prostate")
     parser.add_argument("--tmp", default=None, help="folder for the phantoms and the written files")
     parser.add_argument("--json-out", default=None, help="also write the JSON here")
-    return parser.parse_args(argv)
+    parser.add_argument("--cases", default=None,
+                        help="comma-separated case names to run (default all; e.g. png,png_1_worker,nifti); "
+                             "'pass' is null unless png, nifti and dicom all run")
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.cases.split(",")) - set(CASE_NAMES)) if args.cases else []
+    if unknown:
+        parser.error(f"unknown cases {unknown}; expected some of {', '.join(CASE_NAMES)}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -39,13 +39,13 @@ gpus=$(python3 -c 'import torch; print(torch.cuda.device_count())')
 pipe_gpu=$(( gpus >= 2 ? 1 : 0 ))
 pids=()
 case " $PARTS " in *" pipeline "*)
-  env CUDA_VISIBLE_DEVICES=$pipe_gpu OUT="$logs/pipe" $PIPELINE_ENV timeout "$(budget)" bash benchmarks/gpu_pipeline.sh \
+  env CUDA_VISIBLE_DEVICES=$pipe_gpu OUT="$logs/pipe" DEADLINE_EPOCH=$(( start + LIMIT_S )) $PIPELINE_ENV timeout "$(budget)" bash benchmarks/gpu_pipeline.sh \
     > "$logs/pipeline.log" 2>&1 &
   pids+=($!) ;;
 esac
 case " $PARTS " in *" downstream "*)
   # shellcheck disable=SC2086  # DOWNSTREAM_ENV holds several NAME=value words
-  env CUDA_VISIBLE_DEVICES=0 OUT="$logs/down" $DOWNSTREAM_ENV timeout "$(budget)" bash benchmarks/gpu_pipeline.sh \
+  env CUDA_VISIBLE_DEVICES=0 OUT="$logs/down" DEADLINE_EPOCH=$(( start + LIMIT_S )) $DOWNSTREAM_ENV timeout "$(budget)" bash benchmarks/gpu_pipeline.sh \
     > "$logs/downstream.log" 2>&1 &
   pids+=($!) ;;
 esac
@@ -66,6 +66,7 @@ case " $PARTS " in *" sweep "*)
   CUDA_VISIBLE_DEVICES=$([ "$SWEEP_DEVICE" = cpu ] && echo "" || echo 0) timeout "$(budget)" nice -n 10 \
     python3 benchmarks/phantom_sweep.py --out "$logs/sweep" --device "$SWEEP_DEVICE" \
     --parallel "$SWEEP_PARALLEL" --threads "$SWEEP_THREADS" $only --json-out "$OUT/phantom-sweep.json" \
+    --deadline-s $(( $(budget) - 25 )) \
     > "$logs/sweep.log" 2>&1 &
   pids+=($!) ;;
 esac

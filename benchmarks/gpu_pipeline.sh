@@ -21,7 +21,8 @@
 # `medaug train features`, then `medaug evaluate metrics` with that own backbone; 0 skips both), FEATURES_RECIPE
 # (features), EVAL_DEVICE (cuda when present, else cpu), DOWNSTREAM (structures for `medaug evaluate downstream`,
 # e.g. "brain_tumor prostate"; empty skips it), DOWNSTREAM_STEPS (300), DOWNSTREAM_SEEDS (3), DOWNSTREAM_FRACTIONS
-# (0.25,1), DOWNSTREAM_RATIOS (0.5). SYNTH_ORGANS and DOWNSTREAM take spaces or commas between names. SOURCES may also be brats+phantoms (BraTS 2013 and the phantoms only).
+# (0.25,1), DOWNSTREAM_RATIOS (0.5), DEADLINE_EPOCH (date +%s by which the report must be written: the evaluation
+# stages are cut short 40 s before it; 0 = none). SYNTH_ORGANS and DOWNSTREAM take spaces or commas between names. SOURCES may also be brats+phantoms (BraTS 2013 and the phantoms only).
 set -euo pipefail
 OUT=${OUT:-out/pipeline}
 SOURCES=${SOURCES:-real+phantoms}
@@ -51,6 +52,7 @@ DOWNSTREAM_STEPS=${DOWNSTREAM_STEPS:-300}
 DOWNSTREAM_SEEDS=${DOWNSTREAM_SEEDS:-3}
 DOWNSTREAM_FRACTIONS=${DOWNSTREAM_FRACTIONS:-0.25,1}
 DOWNSTREAM_RATIOS=${DOWNSTREAM_RATIOS:-0.5}
+DEADLINE_EPOCH=${DEADLINE_EPOCH:-0}
 EVAL_DEVICE=${EVAL_DEVICE:-$(python3 -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")}
 TOKENIZER_EXTRA=${TOKENIZER_EXTRA:-}
 VAR_EXTRA=${VAR_EXTRA:-}
@@ -67,6 +69,8 @@ real=$(pwd)/.gpu-data/real
 started=$(date +%s)
 medaug() { python3 -m medaug_cli.app "$@"; }
 log() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$OUT/run.log"; }
+# seconds left for a late stage: until DEADLINE_EPOCH minus 40 s for the report (no deadline: a day)
+left() { if [ "$DEADLINE_EPOCH" -gt 0 ]; then echo $(( DEADLINE_EPOCH - $(date +%s) - 40 > 1 ? DEADLINE_EPOCH - $(date +%s) - 40 : 1 )); else echo 86400; fi; }
 mark() { echo "\"$1\": $(( $(date +%s) - started ))," >> "$work/marks.txt"; }
 
 log "phantoms ($PHANTOMS per domain), sources: $SOURCES"
@@ -130,7 +134,7 @@ if [ "$SYNTH_N" -gt 0 ] && [ "$EVAL_STEPS" -gt 0 ]; then
   # a failure here is logged and the run still packs what the earlier stages produced
   medaug train features --data "$work/prepared" --out "$work/features" --recipe "$FEATURES_RECIPE" \
     --max-steps "$EVAL_STEPS" --json > "$work/features.json" || log "train features failed"
-  medaug evaluate metrics --real "$work/prepared" --synthetic "$work/synth" --backbone medaug="$work/features" \
+  timeout "$(left)" python3 -m medaug_cli.app evaluate metrics --real "$work/prepared" --synthetic "$work/synth" --backbone medaug="$work/features" \
     --out "$work/report" --device "$EVAL_DEVICE" --json > "$work/metrics.json" || { log "evaluate failed"; rm -f "$work/metrics.json"; }
   cp "$work/report/report.md" "$OUT/metrics_report.md" 2>/dev/null || true
 fi
@@ -140,7 +144,7 @@ if [ "$SYNTH_N" -gt 0 ] && [ -n "$DOWNSTREAM" ]; then
   structures=""
   for name in ${DOWNSTREAM//,/ }; do structures="$structures --structure $name"; done
   # shellcheck disable=SC2086
-  medaug evaluate downstream --real "$work/prepared" --synthetic "$work/synth" $structures --steps "$DOWNSTREAM_STEPS" \
+  timeout "$(left)" python3 -m medaug_cli.app evaluate downstream --real "$work/prepared" --synthetic "$work/synth" $structures --steps "$DOWNSTREAM_STEPS" \
     --seeds "$DOWNSTREAM_SEEDS" --fractions "$DOWNSTREAM_FRACTIONS" --ratios "$DOWNSTREAM_RATIOS" --device "$EVAL_DEVICE" \
     --out "$work/downstream" --json > "$work/downstream.json" || { log "downstream failed"; rm -f "$work/downstream.json"; }
   cp "$work/downstream/report.md" "$OUT/downstream_report.md" 2>/dev/null || true

@@ -82,6 +82,7 @@ def run_one(name: str, out: Path, device: str, precision: str, samples: int, cfg
     trained = train_all(folder / "prepared", demo.GENERATOR_RECIPE, folder / "medvar", resume=True,
                         overrides=overrides + extra)
     record["seconds"]["train"] = round(time.perf_counter() - clock, 1)
+    save_record(folder, {**record, "partial": True})
     evaluation = trained["tokenizer"].get("evaluation") or {}
     record["tokenizer_val"] = {"psnr": (evaluation.get("image_mean") or {}).get("psnr"),
                                "dice_mean": evaluation.get("dice_mean"),
@@ -106,8 +107,16 @@ def run_one(name: str, out: Path, device: str, precision: str, samples: int, cfg
             clock = time.perf_counter()
             record.setdefault("acceptance_by_cfg", {})[f"{cfg:g}"] = accept(folder, f"synthetic_cfg{cfg:g}", device)
             record["seconds"][f"acceptance_cfg{cfg:g}"] = round(time.perf_counter() - clock, 1)
+        save_record(folder, record)
     record["cpu_s"] = round(time.process_time(), 1)
     return record
+
+
+def save_record(folder: Path, record: dict[str, Any]) -> None:
+    """``folder/record.json`` now (a sweep cut short by its deadline still reports the stages done)."""
+    temporary = folder / "record.json.tmp"
+    temporary.write_text(json.dumps(record, indent=2, default=str))
+    temporary.replace(folder / "record.json")
 
 
 def accept(folder: Path, synthetic: str, device: str) -> dict[str, Any]:
@@ -146,7 +155,18 @@ def launch(names: list[str], args: argparse.Namespace) -> list[dict[str, Any]]:
     """Run the configurations as subprocesses, ``--parallel`` at a time; their records in order."""
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     pending, running, records = list(names), {}, {}
+    started = time.perf_counter()
     while pending or running:
+        if args.deadline_s and time.perf_counter() - started > args.deadline_s:
+            for name, (process, log) in running.items():  # out of time: keep what each run has recorded
+                process.kill()
+                log.close()
+                path = args.out / name / "record.json"
+                records[name] = {**(json.loads(path.read_text()) if path.is_file() else {"config": name}),
+                                 "killed_at_deadline": True}
+            for name in pending:
+                records[name] = {"config": name, "not_started": True}
+            break
         while pending and len(running) < args.parallel:
             name = pending.pop(0)
             log = open(args.out / f"{name}.log", "w")
@@ -184,6 +204,8 @@ def main() -> None:
     parser.add_argument("--round2", action="store_true", help="only the round-2 configurations")
     parser.add_argument("--acceptance", action="store_true", help="also train the feature encoder and run the "
                         "acceptance checks (medaug.eval.acceptance) at every guidance value")
+    parser.add_argument("--deadline-s", type=float, default=0.0, help="stop the runs after this many seconds "
+                        "and report what they recorded (0: none)")
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
