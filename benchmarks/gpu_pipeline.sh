@@ -22,10 +22,11 @@
 # (features), EVAL_DEVICE (cuda when present, else cpu), DOWNSTREAM (structures for `medaug evaluate downstream`,
 # e.g. "brain_tumor prostate"; empty skips it), DOWNSTREAM_STEPS (300), DOWNSTREAM_SEEDS (3), DOWNSTREAM_FRACTIONS
 # (0.25,1), DOWNSTREAM_RATIOS (0.5), DEADLINE_EPOCH (date +%s by which the report must be written: the evaluation
-# stages are cut short 40 s before it; 0 = none). SYNTH_ORGANS and DOWNSTREAM take spaces or commas between names. SOURCES may also be brats+phantoms (BraTS 2013 and the phantoms only).
+# stages are cut short 40 s before it; 0 = none), SIZE (256: slice side of every domain; the spacing scales with it). SYNTH_ORGANS and DOWNSTREAM take spaces or commas between names. SOURCES may also be brats+phantoms (BraTS 2013 and the phantoms only).
 set -euo pipefail
 OUT=${OUT:-out/pipeline}
 SOURCES=${SOURCES:-real+phantoms}
+SIZE=${SIZE:-256}
 PHANTOMS=${PHANTOMS:-6}
 WORKERS=${WORKERS:-12}
 TOKENIZER_RECIPE=${TOKENIZER_RECIPE:-tokenizer-256}
@@ -56,6 +57,8 @@ DEADLINE_EPOCH=${DEADLINE_EPOCH:-0}
 EVAL_DEVICE=${EVAL_DEVICE:-$(python3 -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")}
 TOKENIZER_EXTRA=${TOKENIZER_EXTRA:-}
 VAR_EXTRA=${VAR_EXTRA:-}
+TOKENIZER_EXTRA=${TOKENIZER_EXTRA//;/ }  # ';' may stand for ' ' (an env word holds no spaces)
+VAR_EXTRA=${VAR_EXTRA//;/ }
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 if [ -d .whl ] && ! python3 -c "import nibabel, monai" 2>/dev/null; then
@@ -88,14 +91,14 @@ medaug phantoms --out "$work/phantoms" --n "$PHANTOMS" --json > "$work/phantoms.
   echo "  - {path: $work/phantoms/mr_prostate, dataset: $(pwd)/recipes/datasets/phantom_mr_prostate.yaml}"
   echo "  - {path: $work/phantoms/mr_brain, dataset: $(pwd)/recipes/datasets/phantom_mr_brain.yaml}"
   echo "domains:"
-  echo "  ct/abdomen: {modality: ct, channels: [ct], spacing_mm: 1.5, size: 256, intensity: {ct: {window_hu: [-160, 240]}}}"
+  # spacing at SIZE: the 256-pixel spacing times 256 / SIZE (the same field of view)
+  mm() { python3 -c "print(round($1 * 256 / $SIZE, 3))"; }
+  echo "  ct/abdomen: {modality: ct, channels: [ct], spacing_mm: $(mm 1.5), size: $SIZE, intensity: {ct: {window_hu: [-160, 240]}}}"
   if [ "$SOURCES" = "real+phantoms" ]; then
-    echo "  mr/abdomen: {modality: mr, channels: [mr], spacing_mm: 1.5, size: 256, intensity: {mr: {percentiles: [0.5, 99.5]}}}"
+    echo "  mr/abdomen: {modality: mr, channels: [mr], spacing_mm: $(mm 1.5), size: $SIZE, intensity: {mr: {percentiles: [0.5, 99.5]}}}"
   fi
-  cat <<EOF
-  mr/prostate: {modality: mr, channels: [t2, adc], spacing_mm: 0.6, size: 256, intensity: {t2: {percentiles: [0.5, 99.5]}, adc: {percentiles: [0.5, 99.5]}}}
-  mr/brain: {modality: mr, channels: [flair, t1c], spacing_mm: 1.0, size: 256, intensity: {flair: {percentiles: [0.5, 99.5]}, t1c: {percentiles: [0.5, 99.5]}}}
-EOF
+  echo "  mr/prostate: {modality: mr, channels: [t2, adc], spacing_mm: $(mm 0.6), size: $SIZE, intensity: {t2: {percentiles: [0.5, 99.5]}, adc: {percentiles: [0.5, 99.5]}}}"
+  echo "  mr/brain: {modality: mr, channels: [flair, t1c], spacing_mm: $(mm 1.0), size: $SIZE, intensity: {flair: {percentiles: [0.5, 99.5]}, t1c: {percentiles: [0.5, 99.5]}}}"
 } > "$work/prepare.yaml"
 mark start_prepare
 log "prepare ($WORKERS workers)"
@@ -135,7 +138,8 @@ if [ "$SYNTH_N" -gt 0 ] && [ "$EVAL_STEPS" -gt 0 ]; then
   medaug train features --data "$work/prepared" --out "$work/features" --recipe "$FEATURES_RECIPE" \
     --max-steps "$EVAL_STEPS" --json > "$work/features.json" || log "train features failed"
   timeout "$(left)" python3 -m medaug_cli.app evaluate metrics --real "$work/prepared" --synthetic "$work/synth" --backbone medaug="$work/features" \
-    --out "$work/report" --device "$EVAL_DEVICE" --json > "$work/metrics.json" || { log "evaluate failed"; rm -f "$work/metrics.json"; }
+    --out "$work/report" --device "$EVAL_DEVICE" --json > "$work/metrics.json" 2> "$work/metrics.err" \
+    || { log "evaluate failed (exit $?): $(tail -c 600 "$work/metrics.err" | tr '\n' ' ')"; rm -f "$work/metrics.json"; }
   cp "$work/report/report.md" "$OUT/metrics_report.md" 2>/dev/null || true
 fi
 mark end_eval
@@ -146,7 +150,8 @@ if [ "$SYNTH_N" -gt 0 ] && [ -n "$DOWNSTREAM" ]; then
   # shellcheck disable=SC2086
   timeout "$(left)" python3 -m medaug_cli.app evaluate downstream --real "$work/prepared" --synthetic "$work/synth" $structures --steps "$DOWNSTREAM_STEPS" \
     --seeds "$DOWNSTREAM_SEEDS" --fractions "$DOWNSTREAM_FRACTIONS" --ratios "$DOWNSTREAM_RATIOS" --device "$EVAL_DEVICE" \
-    --out "$work/downstream" --json > "$work/downstream.json" || { log "downstream failed"; rm -f "$work/downstream.json"; }
+    --out "$work/downstream" --json > "$work/downstream.json" 2> "$work/downstream.err" \
+    || { log "downstream failed (exit $?): $(tail -c 600 "$work/downstream.err" "$work/downstream.json" | tr '\n' ' ')"; rm -f "$work/downstream.json"; }
   cp "$work/downstream/report.md" "$OUT/downstream_report.md" 2>/dev/null || true
 fi
 mark end_downstream
