@@ -1,4 +1,4 @@
-"""Evaluation of synthetic slices against real prepared data (``medaug evaluate``, DESIGN.md §1, issue 10).
+"""Evaluation of synthetic slices against real prepared data (``medaug evaluate``, DESIGN.md §1, issues 10-11).
 
 Modules (imported where used, so ``import medaug.eval`` stays light):
 
@@ -11,7 +11,12 @@ Modules (imported where used, so ``import medaug.eval`` stays light):
 * ``memorization``: nearest real training slices of synthetic samples, in features and pixels;
 * ``fidelity``: intensities inside generated masks against real ones, per structure;
 * ``lineage``: the guard against real evaluation data from the generator's training patients;
-* ``evaluate``: the ``medaug evaluate metrics`` stage; ``report``: metrics.json, report.md, report.html.
+* ``evaluate``: the ``medaug evaluate metrics`` stage; ``report``: metrics.json, report.md, report.html;
+* ``segmentation``: the MONAI UNet, its seeded training loop, Dice/HD95 scoring and mask fidelity;
+* ``downstream``: ``medaug evaluate downstream`` (real / real+synthetic / synthetic arms, seeds, real-data
+  fractions, report);
+* ``acceptance``: the quality bar a generator must clear (target presence, mask agreement, distances to the
+  real floor and to noise, near copies), run by ``medaug demo`` and a slow test (issue 11).
 
 medaug's own encoder is trained by ``medaug train features`` (``medaug.train.features_task``).
 """

@@ -13,11 +13,12 @@ prepared dataset it came from and returns a verdict per check:
   ``shuffled_margin`` the same UNet's Dice on real test images scored against *shuffled* real masks of the
   same domain (what an image-blind mask at the usual place of an organ would already reach).
 * **distribution**: with medaug's own feature backbone, FID of synthetic vs real test rows must be at most
-  ``fid_floor_multiple`` times the real-vs-real floor (two disjoint real subsets, as in ``evaluate
-  metrics``) and at most ``noise_fraction`` of the FID of pure noise images (uniform in [-1, 1], same
-  channels); KID, which is unbiased and can be negative near the floor, must close at least
-  ``1 - noise_fraction`` of the gap between noise and the floor: ``kid - floor <= noise_fraction ·
-  (kid_noise - floor)``.
+  ``fid_floor_multiple`` (5) times the real-vs-real floor (two disjoint real subsets, as in ``evaluate
+  metrics``) and at most ``noise_fraction`` (half) of the FID of pure noise images (uniform in [-1, 1],
+  same channels); KID, which is unbiased and scatters around zero at the floor (a multiple of it means
+  nothing), must close at least half the gap between noise and the floor: ``kid - floor <=
+  noise_fraction · (kid_noise - floor)``. On the phantom sets of the demo (about 40 real test rows) the
+  floor itself is FID 3-6, noise 35-45: the bar asks for a distance nearer the floor than the noise.
 * **memorization**: no synthetic sample flagged as a near copy of a training slice (``evaluate metrics``'s
   rule: pixel NCC and SSIM above absolute bars and above the val→train quantile).
 
@@ -46,8 +47,8 @@ class Thresholds:
     min_pixels: int = 8
     mask_dice: float = 0.7
     shuffled_margin: float = 0.2
-    fid_floor_multiple: float = 3.0
-    noise_fraction: float = 0.25
+    fid_floor_multiple: float = 5.0
+    noise_fraction: float = 0.5
     near_copies: int = 0
 
 
@@ -75,21 +76,18 @@ def presence(synthetic: Path, min_pixels: int) -> dict[str, dict[str, Any]]:
 
 def mask_agreement(real: Path, synthetic: Path, targets: Sequence[str], *, unet_steps: int, device: str,
                    seed: int = 0, batch_size: int = 16) -> dict[str, dict[str, Any]]:
-    """:func:`medaug.eval.segmentation.mask_fidelity` of a UNet trained on the real train split of every
-    domain annotating a target (channels zero-filled to the largest count), per target."""
+    """:func:`medaug.eval.segmentation.mask_fidelity` per target of one UNet trained on the real train split
+    of every domain that annotates a target (one class per target, 255 where a slice does not annotate it;
+    channels zero-filled to the largest count)."""
     from medaug.eval.segmentation import mask_fidelity, train_segmenter
     from medaug.monai import SliceDataset, SyntheticDataset, annotating_domains
 
-    per_target = {}
-    for target in targets:  # one UNet per target: each is annotated by its own domains
-        domains = annotating_domains(real, [target])
-        options = {"domains": domains, "channels": "max", "classes": [target]}
-        model, _ = train_segmenter(SliceDataset(real, split="train", **options), steps=unet_steps, seed=seed,
-                                   batch_size=batch_size, device=device)
-        fidelity = mask_fidelity(model, SliceDataset(real, split="test", **options),
-                                 SyntheticDataset(synthetic, **options), [target], batch_size, device, seed)
-        per_target[target] = fidelity[target]
-    return per_target
+    domains = sorted({domain for target in targets for domain in annotating_domains(real, [target])})
+    options = {"domains": domains, "channels": "max", "classes": list(targets)}
+    model, _ = train_segmenter(SliceDataset(real, split="train", **options), steps=unet_steps, seed=seed,
+                               batch_size=batch_size, device=device)
+    return mask_fidelity(model, SliceDataset(real, split="test", **options), SyntheticDataset(synthetic, **options),
+                         list(targets), batch_size, device, seed)
 
 
 class NoiseImages:
