@@ -553,9 +553,7 @@ def plot_learning_curves(runs: Sequence[dict[str, Any]], path: Path) -> Path | N
 def write_downstream_report(result: dict[str, Any], out: Path) -> dict[str, str]:
     """Write ``downstream.json``, ``report.md``, ``report.html`` and the learning curves into ``out``
     (atomically); returns {kind: file name}, also stored in the JSON as ``files``."""
-    import json
-
-    from medaug.eval.report import REPORT_HTML, REPORT_MD, render_html, render_markdown, write_text
+    from medaug.eval.report import REPORT_HTML, REPORT_MD, write_report_files
 
     out.mkdir(parents=True, exist_ok=True)
     figure = plot_learning_curves(result["runs"], out / CURVES_PNG)
@@ -563,11 +561,7 @@ def write_downstream_report(result: dict[str, Any], out: Path) -> dict[str, str]
     if figure is not None:
         files["figure:learning_curves"] = figure.name
     result["files"] = files
-    write_text(out / DOWNSTREAM_JSON, json.dumps(result, indent=2, allow_nan=False) + "\n")
-    blocks = report_blocks(result, figure)
-    write_text(out / REPORT_MD, render_markdown(blocks, out))
-    write_text(out / REPORT_HTML, render_html(blocks, "medaug downstream report"))
-    log.info("downstream report written to %s", out)
+    write_report_files(out, DOWNSTREAM_JSON, result, report_blocks(result, figure), "medaug downstream report")
     return files
 
 

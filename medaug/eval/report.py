@@ -476,8 +476,6 @@ def write_report(result: dict[str, Any], out: str | Path, datasets: dict[str, Pr
     ``out``; ``result`` gains ``files`` (names relative to ``out``), which is also returned. ``datasets``
     ({"real", "synthetic"}) feed the image grids; the memorization records and inputs feed its plot and the
     closest-pairs image."""
-    import json
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     figures, grids = (write_figures(result, out, datasets, memorization_records, memorization_inputs, grid_per_domain)
@@ -489,15 +487,22 @@ def write_report(result: dict[str, Any], out: str | Path, datasets: dict[str, Pr
     safe = json_safe(result)
     result.clear()
     result.update(safe)
-    write_text(out / METRICS_JSON, json.dumps(result, indent=2, allow_nan=False) + "\n")
-    blocks = report_blocks(result, figures, grids)
-    write_text(out / REPORT_MD, render_markdown(blocks, out))
-    write_text(out / REPORT_HTML, render_html(blocks, "medaug evaluation report"))
-    log.info("report written to %s", out)
+    write_report_files(out, METRICS_JSON, result, report_blocks(result, figures, grids), "medaug evaluation report")
     return files
 
 
+def write_report_files(out: Path, json_name: str, result: dict[str, Any], blocks: Sequence[Block], title: str) -> None:
+    """``out/json_name`` (strict JSON), ``report.md`` and ``report.html`` from ``blocks``, each written atomically."""
+    import json
+
+    write_text(out / json_name, json.dumps(result, indent=2, allow_nan=False) + "\n")
+    write_text(out / REPORT_MD, render_markdown(blocks, out))
+    write_text(out / REPORT_HTML, render_html(blocks, title))
+    log.info("%s written to %s", title, out)
+
+
 __all__ = [
+    "write_report_files",
     "Block",
     "METRICS_JSON",
     "REPORT_HTML",
