@@ -37,11 +37,13 @@ rate is SEGs/s; ``reference_write_dicom_series`` writes each sample's channels w
 ``bytes_per_slice`` is the mean size of a sample's files. Prints one JSON object with machine, commit and the
 load average before and after (the sandbox is shared).
 
-Measured on the 2-core sandbox (``results/export-cpu2.json``, 2,000 samples per case, 3 rounds), tmpfs:
-PNG 1,730 CT / 1,088 MR slices/s, NIfTI 2,103 / 1,219 (target met, MR's two channels the slower case);
-on the sandbox disk PNG 671 / 585 and NIfTI 744 / 788, bounded by its write rate (589 MB/s for plain
-256 kB files in the same run; an MR NIfTI slice is 591 kB). References: Pillow PNG 137 / 21 slices/s,
-nibabel ``write_nifti`` 521 / 320. One worker thread was within ±15 % of two.
+Measured on the 2-core sandbox (``results/export-cpu2.json``, 2,000 samples per case, 3 rounds; load average
+3.0 before, 4.7 after), tmpfs: PNG 1,511 CT / 1,115 MR slices/s, NIfTI 2,334 / 1,049 (target met, MR's two
+channels the slower case; one worker thread: PNG 1,963 / 1,041, NIfTI 2,665 / 1,131); on the sandbox disk
+PNG 610 / 457 and NIfTI 569 / 460. References: Pillow PNG 133 / 18 slices/s, nibabel ``write_nifti``
+487 / 214. The sandbox varies by up to ±30 % between runs: the run before (same code but one small change)
+gave PNG 1,651 / 989, NIfTI 2,319 / 787; six runs alternating the PNG writer with its previous version
+(``--cases png,png_1_worker,nifti,nifti_1_worker``) gave MR PNG 807-1,231 against 604-820 slices/s.
 DICOM, measured 2026-11-28 while other jobs loaded the 2-core sandbox (load average 7-9; PNG and NIfTI ran at
 488 / 406 and 576 / 511 in that same run, about a third of the quiet-machine figures above): images 987 CT /
 573 MR slices/s to tmpfs (one worker: 2,064 / 518), Secondary Capture 1,492 / 551, to disk 221 / 138; the

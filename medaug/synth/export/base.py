@@ -10,6 +10,7 @@ maps pixel ``(row, col, 0, 1)`` to RAS mm, as the index's ``affine`` column (row
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from medaug.errors import MedaugError
-from medaug.io.atomic import atomic_output
+from medaug.io.atomic import PART_PREFIX
 
 if TYPE_CHECKING:
     from medaug.prepare.intensity import IntensityMapping
@@ -30,6 +31,7 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 LABEL_NAME = "label"  # the label file's suffix, so no channel may be called this
 HU_UNITS = "HU"
 _IOV_MAX = 512  # buffers per writev call; POSIX guarantees at least 16, Linux takes 1024
+_WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
 Buffer = bytes | memoryview  # a piece of a file's bytes
 PLANES = ("axial", "coronal", "sagittal")
 
@@ -192,18 +194,31 @@ def canonical_affine(spacing_mm: float | Sequence[float], size: int | Sequence[i
 
 
 def write_bytes_atomic(path: Path, buffers: Buffer | Sequence[Buffer]) -> Path:
-    """Write ``buffers`` one after another to ``path`` under a temporary name, then rename (``medaug.io.atomic``).
+    """Write ``buffers`` one after another to ``path`` under a temporary name, then rename.
 
-    Pieces go to the kernel with one ``os.writev`` call, not joined first (a join would copy every byte once
-    more while holding the GIL).
+    The temporary name is ``medaug.io.atomic``'s (``.part-{pid}-{name}`` in the same folder, removed on any
+    error), so a file under ``path`` is always complete. Written with the fewest system calls (open, one
+    ``os.writev`` of the pieces as they are, close, rename; the folder is made only when the open finds it
+    missing): a join would copy every byte once more while holding the GIL.
     """
     pieces = [memoryview(buffers)] if isinstance(buffers, (bytes, memoryview)) else [memoryview(b) for b in buffers]
-    with atomic_output(path) as temporary:
-        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+    folder, name = os.path.split(os.fspath(path))
+    temporary = os.path.join(folder, f"{PART_PREFIX}{os.getpid()}-{name}")
+    try:
+        descriptor = os.open(temporary, _WRITE_FLAGS, 0o666)
+    except FileNotFoundError:
+        os.makedirs(folder, exist_ok=True)
+        descriptor = os.open(temporary, _WRITE_FLAGS, 0o666)
+    try:
         try:
             _write_all(descriptor, [piece.cast("B") for piece in pieces if piece.nbytes])
         finally:
             os.close(descriptor)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
     return path
 
 

@@ -6,15 +6,19 @@ format writes into an open :class:`~medaug.synth.export.nnunet.NnunetDataset` wh
 
 Resume: every file is written under a temporary name and renamed, so a file that exists is complete. A
 sample whose files of a format all exist is not written again in that format; a sample complete in every
-format is reported as skipped. Samples are written by a thread pool (``workers``). The heavy steps (numpy,
-zlib, ``writev``) release the GIL, but the Python between them does not, and on the 2-core sandbox 2 threads
-measured within ±15 % of 1 (``benchmarks/export.py``), while two processes each reach the one-thread rate;
-under ``torchrun`` every rank exports its own samples, which is where more cores pay off.
+format is reported as skipped. Samples are written by ``workers`` threads that share one job queue. The
+heavy steps (numpy, zlib, ``writev``) release the GIL, but the Python between them does not. On the 2-core
+sandbox 2 threads ran at 0.7-1.25× the rate of 1 (``benchmarks/export.py``, PNG and NIfTI; about 25 % more
+CPU time per slice), and 2 processes were no faster than 1 thread either: its two vCPUs give this
+memory-bound work about one core's throughput (at times even 2 threads of ``zlib.crc32`` alone, which
+holds no GIL, ran no faster than 1). Under ``torchrun`` every rank exports its own samples, which is where
+real cores pay off.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -24,7 +28,7 @@ from typing import TYPE_CHECKING
 from medaug.synth.export.base import ExportError, ExportSlice
 from medaug.synth.export.dicom import DicomOptions, dicom_paths, write_dicom_sample
 from medaug.synth.export.nifti import NiftiOptions, nifti_paths, write_nifti_sample
-from medaug.synth.export.png import PngOptions, png_paths, write_png_sample
+from medaug.synth.export.png import PngOptions, png_paths, write_png_files
 
 if TYPE_CHECKING:
     from medaug.synth.export.nnunet import NnunetDataset
@@ -56,7 +60,10 @@ class _Format:
     """One output format: where a sample's files go and how to write them."""
 
     paths: Callable[[ExportSlice], list[Path]]
-    write: Callable[[ExportSlice], list[Path]]
+    write: Callable[[ExportSlice, list[Path]], object]  # (sample, its paths as ``paths`` gave them)
+
+
+Job = tuple[Callable[[ExportSlice, list[Path]], object], ExportSlice, list[Path]]  # write, sample, its paths
 
 
 def export_batch(samples: Sequence[ExportSlice], out_dir: str | Path | None = None,
@@ -76,12 +83,14 @@ def export_batch(samples: Sequence[ExportSlice], out_dir: str | Path | None = No
     if len(set(ids)) != len(ids):
         raise ExportError("export batch", "a sample id occurs twice; expected distinct sample ids")
     result = BatchExport()
-    jobs = []
+    jobs: list[Job] = []
     for sample in samples:
-        pending = [writer for writer in writers if not all(path.is_file() for path in writer.paths(sample))]
-        result.paths[sample.sample_id] = [path for writer in writers for path in writer.paths(sample)]
+        paths = [writer.paths(sample) for writer in writers]
+        pending = [(writer.write, sample, files) for writer, files in zip(writers, paths)
+                   if not all(path.is_file() for path in files)]
+        result.paths[sample.sample_id] = [path for files in paths for path in files]
         (result.written if pending else result.skipped).append(sample.sample_id)
-        jobs += [(writer.write, sample) for writer in pending]
+        jobs += pending
     _run(jobs, workers)
     if nnunet is not None:
         nnunet.write_dataset_json()
@@ -105,26 +114,43 @@ def _formats(formats: Sequence[str], out_dir: str | Path | None, png: PngOptions
     if "png" in formats:
         png_dir = Path(out_dir) / PNG_DIR
         writers.append(_Format(lambda s: png_paths(s.sample_id, s.channels, png_dir),
-                               lambda s: write_png_sample(s, png_dir, png)))
+                               lambda s, files: write_png_files(s, files, png)))
     if "nifti" in formats:
         nifti_dir = Path(out_dir) / NIFTI_DIR
         writers.append(_Format(lambda s: nifti_paths(s.sample_id, s.channels, nifti_dir, nifti.suffix),
-                               lambda s: write_nifti_sample(s, nifti_dir, nifti)))
+                               lambda s, _: write_nifti_sample(s, nifti_dir, nifti)))
     if "dicom" in formats:
         dicom_dir = Path(out_dir) / DICOM_DIR
         writers.append(_Format(lambda s: dicom_paths(s, dicom_dir, dicom),
-                               lambda s: write_dicom_sample(s, dicom_dir, dicom)))
+                               lambda s, _: write_dicom_sample(s, dicom_dir, dicom)))
     if "nnunet" in formats:
-        writers.append(_Format(lambda s: nnunet.case_paths(nnunet.case_id(s)), nnunet.add))
+        writers.append(_Format(lambda s: nnunet.case_paths(nnunet.case_id(s)), lambda s, _: nnunet.add(s)))
     return writers
 
 
-def _run(jobs: list[tuple[Callable[[ExportSlice], list[Path]], ExportSlice]], workers: int) -> None:
-    """Run ``write(sample)`` for every job, on ``workers`` threads (inline for one); errors propagate."""
+def _run(jobs: list[Job], workers: int) -> None:
+    """Run ``write(sample, paths)`` for every job, on ``workers`` threads (inline for one); errors propagate.
+
+    Each thread takes the next job from one shared queue until it is empty (one task per thread, not one
+    per job: a future per job cost about 10 µs of CPU, 1-2 % of a PNG sample); a thread whose job raises
+    stops, the others finish the queue, then the error is raised.
+    """
     if workers <= 1 or len(jobs) <= 1:
-        for write, sample in jobs:
-            write(sample)
+        for write, sample, files in jobs:
+            write(sample, files)
         return
+    queued: queue.SimpleQueue = queue.SimpleQueue()
+    for job in jobs:
+        queued.put(job)
+
+    def drain() -> None:
+        while True:
+            try:
+                write, sample, files = queued.get_nowait()
+            except queue.Empty:
+                return
+            write(sample, files)
+
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        for future in [pool.submit(write, sample) for write, sample in jobs]:
+        for future in [pool.submit(drain) for _ in range(min(workers, len(jobs)))]:
             future.result()
