@@ -58,6 +58,7 @@ def run_one(name: str, out: Path, device: str, precision: str, samples: int, cfg
             acceptance: bool = False) -> dict[str, Any]:
     """One configuration into ``out/name``: the stages in order; a record of what they gave."""
     from medaug_cli import demo
+    from medaug.eval.acceptance import presence
     from medaug.synth.plan import PlanRequest, SamplingSettings
     from medaug.synth.run import ExportSettings, synthesize
     from medaug.train.var_task import train_all
@@ -102,7 +103,8 @@ def run_one(name: str, out: Path, device: str, precision: str, samples: int, cfg
         record["seconds"][f"synthesize_cfg{cfg:g}"] = round(time.perf_counter() - clock, 1)
         record["adherence_by_cfg"][f"{cfg:g}"] = {
             "any_pixel": {target: entry["fraction"] for target, entry in result.summary["adherence"]["targets"].items()},
-            f"min_{MIN_PIXELS}_pixels": shown_fraction(folder / f"synthetic_cfg{cfg:g}")}
+            f"min_{MIN_PIXELS}_pixels": {target: entry["fraction"] for target, entry in
+                                         presence(folder / f"synthetic_cfg{cfg:g}", MIN_PIXELS).items()}}
         if acceptance:
             clock = time.perf_counter()
             record.setdefault("acceptance_by_cfg", {})[f"{cfg:g}"] = accept(folder, f"synthetic_cfg{cfg:g}", device)
@@ -131,24 +133,6 @@ def accept(folder: Path, synthetic: str, device: str) -> dict[str, Any]:
     result = acceptance_checks(folder / "prepared", folder / synthetic, folder / "features", TARGETS, metrics=metrics,
                                unet_steps=300, device=device)
     return {"passed": result["passed"], "checks": result["checks"]}
-
-
-def shown_fraction(folder: Path) -> dict[str, float]:
-    """Per target: the fraction of its samples whose mask shows it (any of its structures) on >= MIN_PIXELS."""
-    import numpy as np
-
-    from medaug import vocab
-    from medaug.data.dataset import PreparedSliceDataset
-    from medaug.synth.run import read_manifest
-
-    targets = read_manifest(folder).column("target").to_pylist()
-    dataset = PreparedSliceDataset(folder)
-    shown: dict[str, list[bool]] = {}
-    for i, target in enumerate(targets):
-        ids = [vocab.structure(name).id for name in vocab.resolve(target)]
-        label = np.asarray(dataset[i]["label"])
-        shown.setdefault(target, []).append(int(np.isin(label, ids).sum()) >= MIN_PIXELS)
-    return {target: round(float(np.mean(flags)), 4) for target, flags in shown.items()}
 
 
 def launch(names: list[str], args: argparse.Namespace) -> list[dict[str, Any]]:

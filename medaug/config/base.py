@@ -10,8 +10,10 @@ purpose: no validation library, and configs stay plain frozen dataclasses that s
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
@@ -146,6 +148,18 @@ def _convert_scalar(annotation: Any, value: Any, where: str) -> Any:
     else:
         raise TypeError(f"config type {annotation!r} at {where} is not supported")
     raise ConfigError(where, f"is {_describe(value)}; expected {_type_name(annotation)}")
+
+
+def recipe_data(recipe: Any, recipe_type: type, to_data: Callable[[Any], dict[str, Any]],
+                resolve: Callable[[Any], Path]) -> tuple[dict[str, Any], str]:
+    """(plain data, where) of a recipe given as a ``recipe_type`` instance (through ``to_data``), a dict
+    (copied) or a YAML path or name (through ``resolve``); ``where`` names it in errors."""
+    if isinstance(recipe, recipe_type):
+        return to_data(recipe), "recipe"
+    if isinstance(recipe, dict):
+        return copy.deepcopy(recipe), "recipe"
+    path = resolve(recipe)
+    return read_yaml(path), str(path)
 
 
 def to_dict(config: Any) -> Any:

@@ -34,7 +34,6 @@ global-batch mean.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 from collections.abc import Callable, Sequence
@@ -48,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from medaug.config.base import from_dict, read_yaml, to_dict
+from medaug.config.base import from_dict, recipe_data, to_dict
 from medaug.config.overrides import apply_overrides
 from medaug.data.dataset import PreparedSliceDataset
 from medaug.data.structures import (
@@ -114,13 +113,7 @@ class FeaturesRecipe:
 def load_features_recipe(recipe: str | Path | FeaturesRecipe | dict, overrides: Sequence[str] = ()) -> FeaturesRecipe:
     """A typed recipe from a YAML file (path or name under recipes/models), a dict or a recipe, with
     ``key=value`` overrides. Unknown keys, and the data's keys (``FILLED_FROM_DATA``), raise ConfigError."""
-    if isinstance(recipe, FeaturesRecipe):
-        data, where = recipe_to_dict(recipe), "recipe"
-    elif isinstance(recipe, dict):
-        data, where = copy.deepcopy(recipe), "recipe"
-    else:
-        path = resolve_model_recipe(recipe)
-        data, where = read_yaml(path), str(path)
+    data, where = recipe_data(recipe, FeaturesRecipe, recipe_to_dict, resolve_model_recipe)
     data = apply_overrides(data, overrides, FeaturesRecipe)
     model = data.get("model") or {}
     for key in FILLED_FROM_DATA:

@@ -32,7 +32,6 @@ downsampled on the fly (:class:`~medaug.data.structures.StructureSliceDataset`);
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 from collections.abc import Callable, Iterator, Sequence
@@ -45,7 +44,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from medaug.config.base import from_dict, read_yaml, to_dict
+from medaug.config.base import from_dict, recipe_data, to_dict
 from medaug.config.overrides import apply_overrides
 from medaug.data.dataset import PreparedSliceDataset
 from medaug.data.structures import (
@@ -142,13 +141,8 @@ def load_tokenizer_recipe(recipe: str | Path | TokenizerRecipe | dict, overrides
     YAML (``[1, 2, 3]``, ``true``, ``3.0e-4``; ``1e-4`` is read as a number too). Unknown keys, and
     keys the data decides (``FILLED_FROM_DATA``), raise :class:`ConfigError` naming the key.
     """
-    if isinstance(recipe, TokenizerRecipe):
-        data, where = _without_data_keys(to_dict(recipe)), "recipe"
-    elif isinstance(recipe, dict):
-        data, where = copy.deepcopy(recipe), "recipe"
-    else:
-        path = resolve_model_recipe(recipe)
-        data, where = read_yaml(path), str(path)
+    data, where = recipe_data(recipe, TokenizerRecipe, lambda typed: _without_data_keys(to_dict(typed)),
+                              resolve_model_recipe)
     data = apply_overrides(data, overrides, TokenizerRecipe)
     _refuse_data_keys(data, where)
     return from_dict(TokenizerRecipe, data, where)

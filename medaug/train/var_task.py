@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medaug.config.base import from_dict, read_yaml, to_dict
+from medaug.config.base import from_dict, read_yaml, recipe_data, to_dict
 from medaug.data.samplers import BalancedSampler, SamplerConfig, build_sampler
 from medaug.data.structures import DOMAINS_FILE, INDEX_FILE, StructureTable
 from medaug.errors import CheckpointError, ConfigError
@@ -184,13 +184,7 @@ def load_var_recipe(recipe: str | Path | VarRecipe | dict, overrides: Sequence[s
     Unknown keys raise :class:`ConfigError` naming the key; so does setting both ``base_lr`` and
     ``train.optim.var.lr``.
     """
-    if isinstance(recipe, VarRecipe):
-        data, where = to_dict(recipe), "recipe"
-    elif isinstance(recipe, dict):
-        data, where = copy.deepcopy(recipe), "recipe"
-    else:
-        path = resolve_recipe_path(recipe)
-        data, where = read_yaml(path), str(path)
+    data, where = recipe_data(recipe, VarRecipe, to_dict, resolve_recipe_path)
     data = apply_overrides(data, overrides, VarRecipe)
     return resolve_lr(from_dict(VarRecipe, data, where), data, where)
 
