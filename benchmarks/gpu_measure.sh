@@ -11,7 +11,8 @@
 #   MEDAUG_COMMIT=$(git rev-parse HEAD) bash benchmarks/gpu_measure.sh
 # Environment: OUT (out/measure), PARTS (pipeline sample sweep), SAMPLE_DEADLINE_S (330 for part a; part b gets
 # what is left of 480), SWEEP_PARALLEL (10), SWEEP_THREADS (2), SWEEP_CONFIGS (default: all of phantom_sweep.py),
-# SWEEP_DEVICE (cpu), SWEEP_ROUND2 (non-empty: round-2 configs), LIMIT_S (530), DOWNSTREAM_ENV / PIPELINE_ENV
+# SWEEP_DEVICE (cpu), SWEEP_ROUND2 (non-empty: round-2 configs), SWEEP_ARGS (more phantom_sweep.py arguments,
+# e.g. "--round3 --seeds 4 --acceptance --cfgs 1.5 --samples 192"), LIMIT_S (530), DOWNSTREAM_ENV / PIPELINE_ENV
 # (variables for the two gpu_pipeline.sh runs).
 set -uo pipefail
 OUT=${OUT:-out/measure}
@@ -22,6 +23,7 @@ SWEEP_THREADS=${SWEEP_THREADS:-2}
 SWEEP_CONFIGS=${SWEEP_CONFIGS:-}
 SWEEP_DEVICE=${SWEEP_DEVICE:-cpu}
 SWEEP_ROUND2=${SWEEP_ROUND2:-}
+SWEEP_ARGS=${SWEEP_ARGS:-}
 LIMIT_S=${LIMIT_S:-530}
 DOWNSTREAM_ENV=${DOWNSTREAM_ENV:-SOURCES=brats+phantoms TOKENIZER_MINUTES=1.5 VAR_MINUTES=1.5 SYNTH_N=1536 SYNTH_ORGANS=brain_tumor,prostate,liver EVAL_STEPS=0 DOWNSTREAM=brain_tumor,prostate}
 PIPELINE_ENV=${PIPELINE_ENV:-TOKENIZER_MINUTES=2 VAR_MINUTES=2 SYNTH_N=6000 EVAL_STEPS=300}
@@ -63,6 +65,7 @@ case " $PARTS " in *" sweep "*)
   for name in $SWEEP_CONFIGS; do only="$only --only $name"; done
   # shellcheck disable=SC2086
   if [ -n "$SWEEP_ROUND2" ]; then only="$only --round2 --acceptance"; fi
+  only="$only $SWEEP_ARGS"
   CUDA_VISIBLE_DEVICES=$([ "$SWEEP_DEVICE" = cpu ] && echo "" || echo 0) timeout "$(budget)" nice -n 10 \
     python3 benchmarks/phantom_sweep.py --out "$logs/sweep" --device "$SWEEP_DEVICE" \
     --parallel "$SWEEP_PARALLEL" --threads "$SWEEP_THREADS" $only --json-out "$OUT/phantom-sweep.json" \

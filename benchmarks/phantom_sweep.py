@@ -8,6 +8,11 @@ target, and wall/CPU seconds per stage. Issue 11's quality acceptance test picks
 
     python benchmarks/phantom_sweep.py --out /tmp/sweep --parallel 8 --threads 2 --json-out sweep.json
     python benchmarks/phantom_sweep.py --out /tmp/sweep --only base --json-out sweep.json   # one config
+    python benchmarks/phantom_sweep.py --out /tmp/sweep --round3 --seeds 4 --acceptance --cfgs 1.5 ...
+
+``--seeds K`` runs every configuration K times as ``name@s`` (s = 0..K-1): training seeds
+(``tokenizer.train.seed``, ``var.train.seed``) and the synthesis seed are s, the phantoms stay the same,
+so the spread across seeds is the run-to-run spread of training that the quality test meets.
 
 Configurations are named in ``CONFIGS``; ``--precision fp32`` (default) keeps GPU runs numerically like
 the CPU runs of CI (the sweep may run on a GPU machine's CPU cores or its GPU with ``--device``).
@@ -48,6 +53,14 @@ CONFIGS: dict[str, tuple[int, int, int, list[str]]] = {
     "t1600_v800_pow1": (4, 1600, 800, ["var.sampler.power=1.0"]),
     "t1200_v1200_pow1_vb32": (4, 1200, 1200, ["var.sampler.power=1.0", "var.train.batch_size=32"]),
 }
+# round 3 (session 4): conditioning.min_pixels (a structure counts as present in a condition from 8 pixels
+# on, the new default) against the old one-pixel rule, at the demo's budget, across training seeds
+CONFIGS.update({
+    "r3_px1": (4, 1200, 800, ["var.sampler.power=1.0", "var.conditioning.min_pixels=1"]),
+    "r3_px8": (4, 1200, 800, ["var.sampler.power=1.0"]),
+    "r3_px8_tb16": (4, 1200, 800, ["tokenizer.train.batch_size=16", "var.sampler.power=1.0"]),
+})
+ROUND3 = ["r3_px1", "r3_px8", "r3_px8_tb16"]
 ROUND2 = ["t1200_v800", "t1200_v800_pow1", "t1200_v800_tb16_pow1", "s6_t1200_v800_pow1", "t1600_v800_pow1",
           "t1200_v1200_pow1_vb32"]
 MIN_PIXELS = 8  # a target counts as shown when its pixels cover at least this many of the 64x64 mask
@@ -63,11 +76,15 @@ def run_one(name: str, out: Path, device: str, precision: str, samples: int, cfg
     from medaug.synth.run import ExportSettings, synthesize
     from medaug.train.var_task import train_all
 
-    subjects, tokenizer_steps, var_steps, extra = CONFIGS[name]
+    config, _, seed_text = name.partition("@")
+    subjects, tokenizer_steps, var_steps, extra = CONFIGS[config]
+    seed = int(seed_text or 0)
+    if seed_text:
+        extra = extra + [f"tokenizer.train.seed={seed}", f"var.train.seed={seed}"]
     folder = out / name
     folder.mkdir(parents=True, exist_ok=True)
     settings = demo.DemoSettings(subjects=subjects, device=device, steps_scale=1.0)
-    record: dict[str, Any] = {"config": name, "subjects": subjects, "tokenizer_steps": tokenizer_steps,
+    record: dict[str, Any] = {"config": name, "seed": seed, "subjects": subjects, "tokenizer_steps": tokenizer_steps,
                               "var_steps": var_steps, "extra": extra, "seconds": {}}
     clock = time.perf_counter()
     demo.run_phantoms(folder, settings, lambda *a: None)
@@ -97,7 +114,7 @@ def run_one(name: str, out: Path, device: str, precision: str, samples: int, cfg
         record["seconds"]["features"] = round(time.perf_counter() - clock, 1)
     for cfg in cfgs:
         clock = time.perf_counter()
-        request = PlanRequest(n=samples, targets=TARGETS, batch_size=16, seed=0, sampling=SamplingSettings(cfg=cfg))
+        request = PlanRequest(n=samples, targets=TARGETS, batch_size=16, seed=seed, sampling=SamplingSettings(cfg=cfg))
         result = synthesize(folder / "medvar", folder / f"synthetic_cfg{cfg:g}", request,
                             ExportSettings(formats=(), montage=24), device="cpu", resume=True)  # CI samples on the CPU
         record["seconds"][f"synthesize_cfg{cfg:g}"] = round(time.perf_counter() - clock, 1)
@@ -174,6 +191,20 @@ def launch(names: list[str], args: argparse.Namespace) -> list[dict[str, Any]]:
     return [records[name] for name in names]
 
 
+def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per configuration (seeds pooled) and guidance: each acceptance check's values across seeds and how
+    many seeds passed it."""
+    pooled: dict[str, dict[str, dict[str, list[Any]]]] = {}
+    for record in records:
+        config = str(record.get("config", "")).partition("@")[0]
+        for cfg, result in (record.get("acceptance_by_cfg") or {}).items():
+            for check, entry in result["checks"].items():
+                values = pooled.setdefault(f"{config} cfg {cfg}", {}).setdefault(check, [])
+                values.append((entry.get("value"), entry["passed"]))
+    return {key: {check: {"values": [v for v, _ in entries], "passed": sum(p for _, p in entries), "runs": len(entries)}
+                  for check, entries in checks.items()} for key, checks in pooled.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -186,6 +217,9 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=96)
     parser.add_argument("--cfgs", default="1.5,3,5", help="guidance values to synthesize with (comma list)")
     parser.add_argument("--round2", action="store_true", help="only the round-2 configurations")
+    parser.add_argument("--round3", action="store_true", help="only the round-3 configurations")
+    parser.add_argument("--seeds", type=int, default=0, help="run each configuration with training seeds "
+                        "0..K-1 (as name@seed); 0: once, with the recipes' seeds")
     parser.add_argument("--acceptance", action="store_true", help="also train the feature encoder and run the "
                         "acceptance checks (medaug.eval.acceptance) at every guidance value")
     parser.add_argument("--deadline-s", type=float, default=0.0, help="stop the runs after this many seconds "
@@ -202,11 +236,15 @@ def main() -> None:
         (args.out / args.one / "record.json").write_text(json.dumps(record, indent=2, default=str))
         return
     started = time.perf_counter()
-    names = args.only or (ROUND2 if args.round2 else [name for name in CONFIGS if name != "smoke"])
+    names = args.only or (ROUND3 if args.round3 else ROUND2 if args.round2 else
+                          [name for name in CONFIGS if name != "smoke"])
+    if args.seeds:
+        names = [f"{name}@{seed}" for seed in range(args.seeds) for name in names]
     records = launch(names, args)
     result = {"benchmark": "phantom_sweep", "date": time.strftime("%Y-%m-%d"), "threads": args.threads,
               "parallel": args.parallel, "device": args.device, "precision": args.precision,
-              "cpu": os.cpu_count(), "wall_s": round(time.perf_counter() - started, 1), "records": records}
+              "cpu": os.cpu_count(), "wall_s": round(time.perf_counter() - started, 1), "records": records,
+              "summary": summarize(records)}
     text = json.dumps(result, indent=2, default=str)
     if args.json_out:
         args.json_out.parent.mkdir(parents=True, exist_ok=True)

@@ -9,12 +9,12 @@ A cache lives beside the run, ``RUN/token_cache/<key>/``:
 * ``rows.parquet``: per cached row ``position`` (row of the train split as
   :class:`~medaug.data.structures.StructureSliceDataset` orders it), ``slice_id``, ``domain_index``
   (position in the sorted domain names), ``flipped``, and the condition multi-hots as lists of model-local
-  structure indices: ``present`` (structures with at least one pixel in the label map the tokenizer saw,
-  among the annotated ones) and ``annotated``;
+  structure indices: ``present`` (annotated structures covering at least ``present_min_pixels`` pixels
+  of the label map the tokenizer saw; the recipe's ``conditioning.min_pixels``) and ``annotated``;
 * ``cache.json``: what the key was made of, counts, L, dtype, structure and domain names.
 
 ``key`` = the first 16 hex digits of the sha256 of {tokenizer sha256 (:func:`tokenizer_sha256`), sha256
-of the prepared ``index.parquet``, image size, flip, format version}: a new tokenizer or new data gives
+of the prepared ``index.parquet``, image size, flip, present threshold, format version}: a new tokenizer or new data gives
 a new folder (rebuilt), the same ones reuse it. A cache is written under a temporary name and renamed
 when complete. Under torchrun every rank encodes a contiguous chunk of the rows and rank 0 merges them;
 the result does not depend on the number of processes (rows are ordered by (flipped, position)). The
@@ -70,14 +70,18 @@ LATERAL_MIN_COSINE = 0.7
 @dataclass(frozen=True)
 class TokenCacheConfig:
     """Pre-tokenization settings: ``flip`` adds left-right mirrored rows (module doc); ``batch_size``
-    slices per encoder forward."""
+    slices per encoder forward; ``present_min_pixels``: a structure is present in a row's condition when
+    it covers at least this many pixels (MedVAR training sets it from ``conditioning.min_pixels``)."""
 
     flip: bool = False
     batch_size: int = 64
+    present_min_pixels: int = 1
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ConfigError("tokens.batch_size", f"is {self.batch_size}; expected an integer >= 1")
+        if self.present_min_pixels < 1:
+            raise ConfigError("tokens.present_min_pixels", f"is {self.present_min_pixels}; expected an integer >= 1")
 
 
 def tokenizer_sha256(checkpoint_dir: str | Path) -> str:
@@ -90,10 +94,12 @@ def tokenizer_sha256(checkpoint_dir: str | Path) -> str:
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
-def cache_key(tokenizer_sha: str, index_sha: str, image_size: int, flip: bool) -> str:
-    """16 hex digits naming the cache of this tokenizer, data, size and flip setting."""
+def cache_key(tokenizer_sha: str, index_sha: str, image_size: int, flip: bool, present_min_pixels: int = 1) -> str:
+    """16 hex digits naming the cache of this tokenizer, data, size, flip setting and present threshold."""
     content = {"format": CACHE_FORMAT, "version": CACHE_VERSION, "tokenizer_sha256": tokenizer_sha,
                "index_sha256": index_sha, "image_size": image_size, "flip": flip, "split": "train"}
+    if present_min_pixels != 1:  # keys of caches built before the threshold existed stay valid
+        content["present_min_pixels"] = present_min_pixels
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -269,13 +275,13 @@ class EncodedRows:
         return EncodedRows(*(getattr(self, name)[order] for name in self.__dataclass_fields__))
 
 
-def present_from_label(label_BHW: torch.Tensor, annotated_BS: torch.Tensor) -> torch.Tensor:
-    """(B, S) bool: annotated structures with at least one pixel in the model-local label map."""
+def present_from_label(label_BHW: torch.Tensor, annotated_BS: torch.Tensor, min_pixels: int = 1) -> torch.Tensor:
+    """(B, S) bool: annotated structures with at least ``min_pixels`` pixels in the model-local label map."""
     batch, structures = annotated_BS.shape
     label_BN = torch.where(label_BHW == IGNORE_LABEL, 0, label_BHW).reshape(batch, -1).long()
-    hits_BK = torch.zeros(batch, structures + 1, dtype=torch.bool, device=label_BHW.device)
-    hits_BK.scatter_(1, label_BN, True)
-    return hits_BK[:, 1:] & annotated_BS.bool()
+    counts_BK = torch.zeros(batch, structures + 1, dtype=torch.int64, device=label_BHW.device)
+    counts_BK.scatter_add_(1, label_BN, torch.ones_like(label_BN))
+    return (counts_BK[:, 1:] >= min_pixels) & annotated_BS.bool()
 
 
 def _flip_batch(batch: dict[str, torch.Tensor], axes: list[int], tables: FlipTables) -> dict[str, torch.Tensor]:
@@ -288,14 +294,16 @@ def _flip_batch(batch: dict[str, torch.Tensor], axes: list[int], tables: FlipTab
             "annotated": batch["annotated"][:, tables.perm_S]}
 
 
-def _encode_batch(vqvae: VQVAE, batch: dict[str, torch.Tensor], device: torch.device) -> tuple[np.ndarray, np.ndarray]:
-    """(tokens (B, L) int64, present (B, S) bool) of one batch, encoded in float32 on ``device``."""
+def _encode_batch(vqvae: VQVAE, batch: dict[str, torch.Tensor], device: torch.device,
+                  min_pixels: int) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens (B, L) int64, present (B, S) bool: >= ``min_pixels`` pixels) of one batch, encoded in float32
+    on ``device``."""
     label_BHW = batch["label"].to(device)
     label_in = label_BHW if vqvae.config.num_structures else None
     with torch.autocast(device_type=device.type, enabled=False):
         indices = vqvae.img_to_indices(batch["image"].to(device).float(), batch["channel_mask"].to(device), label_in)
     tokens_BL = vqvae.quantizer.indices_to_tokens(indices)
-    present_BS = present_from_label(label_BHW, batch["annotated"].to(device))
+    present_BS = present_from_label(label_BHW, batch["annotated"].to(device), min_pixels)
     return tokens_BL.cpu().numpy(), present_BS.cpu().numpy()
 
 
@@ -317,14 +325,15 @@ def encode_rows(vqvae: VQVAE, dataset: StructureSliceDataset, positions: Sequenc
     positions = list(positions)
     for start in range(0, len(positions), config.batch_size):
         batch = dataset.read_batch(positions[start:start + config.batch_size])
-        parts.append(_encoded(*_encode_batch(vqvae, batch, device), batch, flipped=False))
+        parts.append(_encoded(*_encode_batch(vqvae, batch, device, config.present_min_pixels), batch, flipped=False))
         if tables is not None:
             mirrored = _mirrorable(batch, axes_N, tables)
             if mirrored:
                 sub = {key: value[mirrored] for key, value in batch.items()}
                 axes = [axes_N[int(p)] for p in sub["index"].tolist()]
                 flipped = _flip_batch(sub, axes, tables)
-                parts.append(_encoded(*_encode_batch(vqvae, flipped, device), flipped, flipped=True))
+                parts.append(_encoded(*_encode_batch(vqvae, flipped, device, config.present_min_pixels), flipped,
+                                     flipped=True))
     if not parts:
         structures, length = dataset.table.num_structures, vqvae.quantizer.total_tokens
         return EncodedRows(np.zeros((0, length), np.int64), *(np.zeros(0, t) for t in (np.int64, bool, np.int64)),
@@ -365,12 +374,13 @@ def prepare_token_cache(data: str | Path, vqvae: VQVAE, table: StructureTable, d
     """
     data, cache_root = Path(data), Path(cache_root)
     index_sha = sha256_file(data / INDEX_FILE)
-    key = cache_key(tokenizer_sha, index_sha, vqvae.config.image_size, config.flip)
+    key = cache_key(tokenizer_sha, index_sha, vqvae.config.image_size, config.flip, config.present_min_pixels)
     final = cache_root / key
     built = not (final / INFO_FILE).is_file()
     if built:
         info = {"key": key, "tokenizer_sha256": tokenizer_sha, "index_sha256": index_sha, "prepared": str(data.resolve()),
-                "image_size": vqvae.config.image_size, "flip": config.flip, "structures": list(table.names),
+                "image_size": vqvae.config.image_size, "flip": config.flip,
+                "present_min_pixels": config.present_min_pixels, "structures": list(table.names),
                 "domains": list(domain_names), "patch_sides": list(vqvae.quantizer.patch_sides),
                 "codebook_size": vqvae.quantizer.config.codebook_size}
         _build(data, vqvae, table, domain_names, final, config, info)

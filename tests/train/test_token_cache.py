@@ -22,9 +22,11 @@ from medaug.train.token_cache import (
     flip_tables,
     lateral_axis,
     prepare_token_cache,
+    present_from_label,
     tokenizer_sha256,
     train_view,
 )
+from medaug.models.vqvae import IGNORE_LABEL
 from medaug.train.tokenizer import load_tokenizer
 
 
@@ -54,7 +56,11 @@ def test_cached_tokens_and_conditions_are_those_of_the_train_rows(tiny_var_task,
         assert domains[cache.domain_N[row]] == index_row["domain"]
         assert cache.annotated_NS[row].tolist() == [name in set(index_row["structures_annotated"]) for name in table.names]
         # at the stored 64² the tokenizer sees every labelled pixel: present = the index's structures_present
-        assert cache.present_NS[row].tolist() == [name in set(index_row["structures_present"]) for name in table.names]
+        # covering at least conditioning.min_pixels pixels (the cache's present_min_pixels)
+        shown = {name for name, pixels in zip(index_row["structures_present"], index_row["structure_pixels"])
+                 if pixels >= cache.info["present_min_pixels"]}
+        assert cache.info["present_min_pixels"] == tiny_var_task.recipe.conditioning.min_pixels == 8
+        assert cache.present_NS[row].tolist() == [name in shown for name in table.names]
 
 
 def _permuted_tokenizer(checkpoint: Path, out: Path, permutation: torch.Tensor) -> Path:
@@ -87,6 +93,34 @@ def test_cache_is_reused_for_the_same_tokenizer_and_rebuilt_for_another(tiny_tok
     # the same vectors under new code numbers: old code j is new code inverse[j]
     inverse = torch.argsort(permutation).numpy()
     np.testing.assert_array_equal(rebuilt.tokens(), inverse[first.tokens()])
+
+
+def test_present_counts_annotated_structures_from_min_pixels_on():
+    generator = torch.Generator().manual_seed(3)
+    label_BHW = torch.randint(0, 6, (4, 16, 16), generator=generator, dtype=torch.uint8)
+    label_BHW[0, :8] = IGNORE_LABEL  # ignored pixels count for nothing
+    label_BHW[1] = 0
+    label_BHW[1, 0, :7] = 2  # a 7-pixel sliver of structure 2
+    label_BHW[2] = 3
+    annotated_BS = torch.ones(4, 5, dtype=torch.bool)
+    annotated_BS[3, 4] = False  # structure 5 not annotated in row 3
+    for min_pixels in (1, 7, 8, 60):
+        present_BS = present_from_label(label_BHW, annotated_BS, min_pixels)
+        for b in range(4):
+            counts_K = np.bincount(label_BHW[b].numpy().ravel(), minlength=256)
+            expected = [bool(counts_K[s] >= min_pixels and annotated_BS[b, s - 1]) for s in range(1, 6)]
+            assert present_BS[b].tolist() == expected, (min_pixels, b)
+    assert present_from_label(label_BHW, annotated_BS, 7)[1, 1] and not present_from_label(label_BHW, annotated_BS, 8)[1, 1]
+
+
+def test_the_present_threshold_is_part_of_the_cache_key(tiny_tokenizer_run, tiny_prepared, tmp_path):
+    vqvae, table, domains, sha = tokenizer_inputs(Path(tiny_tokenizer_run["checkpoint"]), tiny_prepared)
+    one = prepare_token_cache(tiny_prepared, vqvae, table, domains, sha, tmp_path / "cache", TokenCacheConfig())
+    many = prepare_token_cache(tiny_prepared, vqvae, table, domains, sha, tmp_path / "cache",
+                               TokenCacheConfig(present_min_pixels=200))
+    assert many.built and many.path != one.path and many.info["present_min_pixels"] == 200
+    np.testing.assert_array_equal(many.tokens(), one.tokens())
+    assert (many.present_NS <= one.present_NS).all() and many.present_NS.sum() < one.present_NS.sum()
 
 
 def test_cache_is_rebuilt_when_the_prepared_index_changes(tiny_tokenizer_run, tiny_prepared, tmp_path):

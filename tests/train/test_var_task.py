@@ -285,10 +285,12 @@ def test_generator_checkpoint_records_tokenizer_domains_data_and_condition_bank(
     train_rows = frame[frame["split"] == "train"]
     assert meta["data"]["index_sha256"] == sha256_file(tiny_prepared / "index.parquet")
     assert meta["data"]["train_groups"] == sorted(train_rows["patient_group"].unique())
-    # the bank: per domain, the distinct (present, annotated) sets of the train rows with their counts
+    # the bank: per domain, the distinct (present, annotated) sets of the train rows with their counts; a
+    # structure is present from conditioning.min_pixels (8) pixels on
     bank = ConditionBank.from_json(meta["condition_bank"])
     for domain, rows in train_rows.groupby("domain"):
-        expected = Counter((tuple(sorted(row.structures_present, key=names.index)),
+        shown = lambda row: [n for n, px in zip(row.structures_present, row.structure_pixels) if px >= 8]  # noqa: E731
+        expected = Counter((tuple(sorted(shown(row), key=names.index)),
                             tuple(sorted(row.structures_annotated, key=names.index))) for row in rows.itertuples())
         found = {(tuple(bank.names(c.present)), tuple(bank.names(c.annotated))): c.count for c in bank.domains[domain]}
         assert found == dict(expected), domain
