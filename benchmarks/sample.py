@@ -464,6 +464,63 @@ def filter_alone(device: torch.device, rows: int, vocab: int) -> dict[str, Any]:
     return result
 
 
+# ---------------------------------------------------------------- streamed (decode behind sampling)
+def stream_pass(sampler: FastSampler, decoder: FastDecoder, quantizer, device: torch.device, batch: int,
+                count: int, overlap: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``count`` batches as ``medaug synthesize`` makes them, results in host memory. ``overlap``: each
+    batch's decode (and copy to the host) runs on a second stream behind the next batch's sampling
+    (:func:`medaug.synth.engine.decode_behind`, what :meth:`SynthGenerator.submit` does); else one batch
+    at a time on one stream."""
+    from medaug.synth.engine import decode_behind
+
+    stream = torch.cuda.Stream(device) if overlap else None
+    made: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def submit(i: int) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        condition = conditions(batch, device, seed=1000 + i)
+        seeds = range(i * batch, (i + 1) * batch)
+        indices = sampler.sample_tokens(*condition, generators=generators_from_seeds(seeds, device), **SETTINGS)
+        if overlap:
+            return decode_behind(decoder, quantizer, indices, condition[2], stream)
+        image_BCHW, label_BHW = decoder.indices_to_img(quantizer, indices, condition[2])
+        return image_BCHW.cpu(), label_BHW.clamp(0, 255).to(torch.uint8).cpu(), None
+
+    queued = submit(0)
+    for i in range(count):
+        following = submit(i + 1) if overlap and i + 1 < count else None
+        if queued[2] is not None:
+            queued[2].synchronize()
+        made.append(queued[:2])
+        queued = following if overlap else (submit(i + 1) if i + 1 < count else None)
+    return made
+
+
+def streamed_rows(sampler: FastSampler, decoder: FastDecoder, quantizer, device: torch.device, batch: int,
+                  count: int) -> dict[str, Any]:
+    """Images/s over ``count`` consecutive batches into host memory, one at a time vs decode overlapped
+    with the next batch's sampling (CUDA only); whether both give the same images and labels; peak memory."""
+    out: dict[str, Any] = {"batch": batch, "batches": count}
+    results = {}
+    for overlap in (False, True) if device.type == "cuda" else (False,):
+        name = "overlapped" if overlap else "one_at_a_time"
+        stream_pass(sampler, decoder, quantizer, device, batch, 2, overlap)  # warm-up (compile, cudnn)
+        sync(device)
+        reset_peak(device)
+        start = time.perf_counter()
+        results[name] = stream_pass(sampler, decoder, quantizer, device, batch, count, overlap)
+        sync(device)
+        seconds = time.perf_counter() - start
+        out[name] = {"images_per_s": round(batch * count / seconds, 1), "ms_per_batch": round(1000 * seconds / count, 1),
+                     **peak_gb(device)}
+    if "overlapped" not in results:
+        return out
+    pairs = list(zip(results["one_at_a_time"], results["overlapped"]))
+    out["identical_images"] = all(torch.equal(a[0], b[0]) for a, b in pairs)
+    out["label_agreement"] = round(float(torch.stack([(a[1] == b[1]).float().mean() for a, b in pairs]).mean()), 6)
+    out["speedup"] = round(out["overlapped"]["images_per_s"] / out["one_at_a_time"]["images_per_s"], 3)
+    return out
+
+
 # ---------------------------------------------------------------- parts
 def guarded(report: Report, key: str, function: Callable[[], Any]) -> None:
     """Run one section; a failure is recorded under ``key`` and the next section still runs."""
@@ -486,6 +543,12 @@ def part_a(report: Report, device: torch.device, smoke: bool, deadline: float) -
     basic = (1, 256) if not smoke else (1,)
     guarded(report, "sampling_d16",
             lambda: sampling_rows(var, vqvae, decoder, device, batches, deadline, basic, ablations=True))
+    if left(deadline) > 60:
+        sampler = FastSampler(var, vqvae.quantizer, convert_in_place=True)
+        guarded(report, "streamed_d16", lambda: streamed_rows(sampler, decoder, vqvae.quantizer, device, batch,
+                                                               8 if not smoke else 2))
+        del sampler
+        free_memory(device)
     if not smoke and left(deadline) > 200:
         guarded(report, "decoder_max_autotune", lambda: decoder_autotune(vqvae, device, batch, 5))
 
@@ -495,7 +558,12 @@ def part_b(report: Report, device: torch.device, smoke: bool, deadline: float) -
     guarded(report, "filter_alone", lambda: filter_alone(device, 65536 if not smoke else 256, 4096))
     var, vqvae = build_models("d30", device, smoke)
     batches = (256, 1, 16, 64) if not smoke else (4, 1)
-    guarded(report, "sampling_d30", lambda: sampling_rows(var, vqvae, FastDecoder(vqvae), device, batches, deadline))
+    decoder = FastDecoder(vqvae)
+    guarded(report, "sampling_d30", lambda: sampling_rows(var, vqvae, decoder, device, batches, deadline))
+    if left(deadline) > 45:
+        sampler = FastSampler(var, vqvae.quantizer, convert_in_place=True)
+        guarded(report, "streamed_d30", lambda: streamed_rows(sampler, decoder, vqvae.quantizer, device,
+                                                               batches[0], 3))
 
 
 def main() -> None:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +52,16 @@ class GeneratedBatch:
     label_BHW: np.ndarray
     present: list[list[str]]
     pixels: list[list[int]]
+
+
+@dataclass
+class PendingBatch:
+    """A batch queued on the device by :meth:`SynthGenerator.submit`; :meth:`result` waits for it."""
+
+    _finish: Callable[[], GeneratedBatch]
+
+    def result(self) -> GeneratedBatch:
+        return self._finish()
 
 
 class SynthGenerator:
@@ -83,6 +93,12 @@ class SynthGenerator:
         self.fast = (self.device.type == "cuda" and self.dtype == "bfloat16") if fast is None else fast
         self._fast_sampler: Any = None
         self._fast_decoder: Any = None
+        self._decode_stream: Any = None
+
+    @property
+    def queues_on_device(self) -> bool:
+        """Whether :meth:`submit` returns before the device has finished (the fast path on CUDA)."""
+        return self.fast and self.device.type == "cuda"
 
     @property
     def run_dir(self) -> Path:
@@ -124,27 +140,51 @@ class SynthGenerator:
 
     @torch.no_grad()
     def generate(self, samples: Sequence[PlannedSample], settings: SamplingSettings) -> GeneratedBatch:
-        """Sample and decode ``samples`` as one batch (module docstring).
+        """Sample and decode ``samples`` as one batch (module docstring): :meth:`submit`, then its result."""
+        return self.submit(samples, settings).result()
+
+    @torch.no_grad()
+    def submit(self, samples: Sequence[PlannedSample], settings: SamplingSettings) -> PendingBatch:
+        """Queue ``samples`` as one batch on the device; :meth:`PendingBatch.result` waits for it.
 
         With ``fast`` (default on a GPU in bf16) the batch runs through
         :class:`~medaug.models.sampling.FastSampler` and :class:`~medaug.models.vqvae.FastDecoder` (bf16
         weights, compiled per-scale steps, CUDA graphs); unconditional samples, which that path does not
-        take, and the CPU use the basic sampler (on the CPU both give the same tokens, tested).
+        take, and the CPU use the basic sampler (on the CPU both give the same tokens, tested). On CUDA the
+        decode and the copy to pinned host memory run on a second stream that waits for the tokens, and
+        nothing here waits for the device: a caller that submits batch b + 1 before taking batch b's result
+        (as :func:`medaug.synth.run.generate_batches` does) has b's decode overlap b + 1's sampling, and the
+        host's per-sample work overlap both. The kernels and their order per stream are those of
+        :meth:`generate`, so the results are too.
         """
         from medaug.models.sampling import generators_from_seeds
 
         domain_B, present_BS, annotated_BS, drop_B, decode_BS = self.condition_tensors(samples)
         device = self.device
         generators = generators_from_seeds([s.seed for s in samples], device)
-        if self.fast and not bool(drop_B.any()):
-            sampler, decoder = self._fast_path()
-            indices = sampler.sample_tokens(domain_B.to(device), present_BS.to(device), annotated_BS.to(device),
-                                            generators=generators, cfg=settings.cfg, top_k=settings.top_k,
-                                            top_p=settings.top_p, temperature=settings.temperature)
+        if not self.fast or bool(drop_B.any()):
+            done = self._host_batch(*self._basic(domain_B, present_BS, annotated_BS, drop_B, decode_BS, generators,
+                                                 settings))
+            return PendingBatch(lambda: done)
+        sampler, decoder = self._fast_path()
+        indices = sampler.sample_tokens(domain_B.to(device), present_BS.to(device), annotated_BS.to(device),
+                                        generators=generators, cfg=settings.cfg, top_k=settings.top_k,
+                                        top_p=settings.top_p, temperature=settings.temperature)
+        if device.type != "cuda":
             image_BCHW, label_BHW = decoder.indices_to_img(self.vqvae.quantizer, indices, decode_BS.to(device))
-        else:
-            image_BCHW, label_BHW = self._basic(domain_B, present_BS, annotated_BS, drop_B, decode_BS, generators,
-                                                settings)
+            done = self._host_batch(image_BCHW, label_BHW)
+            return PendingBatch(lambda: done)
+        image_BCHW, label_BHW, event = self._decode_behind(decoder, indices, decode_BS)
+        return PendingBatch(lambda: (event.synchronize(), self._host_batch(image_BCHW, label_BHW))[1])
+
+    def _decode_behind(self, decoder: Any, indices: list[torch.Tensor], decode_BS: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        if self._decode_stream is None:
+            self._decode_stream = torch.cuda.Stream(self.device)
+        return decode_behind(decoder, self.vqvae.quantizer, indices, decode_BS, self._decode_stream)
+
+    def _host_batch(self, image_BCHW: torch.Tensor, label_BHW: torch.Tensor) -> GeneratedBatch:
+        """The :class:`GeneratedBatch` of a decoded image and model-local label (on any device)."""
         label_BHW = self._lut[label_BHW.cpu().numpy().clip(0, 255)]
         image_BCHW = image_BCHW.float().clamp(-1.0, 1.0).cpu().numpy()
         present, pixels = _present_structures(label_BHW)
@@ -175,6 +215,29 @@ class SynthGenerator:
             self._fast_sampler = FastSampler(self.var, self.vqvae.quantizer)
             self._fast_decoder = FastDecoder(self.vqvae)
         return self._fast_sampler, self._fast_decoder
+
+
+def decode_behind(decoder: Any, quantizer: Any, indices: list[torch.Tensor], decode_BS: torch.Tensor,
+                  stream: Any) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    """Decode token maps on CUDA ``stream`` once the current stream has made them, without waiting for it.
+
+    ``decoder``: a :class:`~medaug.models.vqvae.FastDecoder`; ``indices``: per-scale token maps made on the
+    current stream; ``decode_BS``: the structures the mask argmax runs over. Returns (image (B, C, H, W)
+    float32 in [-1, 1], label (B, H, W) uint8 model-local, both in pinned host memory, and the CUDA event
+    after which they hold the result).
+    """
+    device = indices[0].device
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        image_BCHW, label_BHW = decoder.indices_to_img(quantizer, indices, decode_BS.to(device, non_blocking=True))
+        image_host = torch.empty(image_BCHW.shape, dtype=torch.float32, pin_memory=True)
+        label_host = torch.empty(label_BHW.shape, dtype=torch.uint8, pin_memory=True)
+        image_host.copy_(image_BCHW, non_blocking=True)
+        label_host.copy_(label_BHW.clamp(0, 255).to(torch.uint8), non_blocking=True)
+        event = stream.record_event()
+    for indices_BHW in indices:  # made on the current stream, read on this one: not reused before it is done
+        indices_BHW.record_stream(stream)
+    return image_host, label_host, event
 
 
 def _present_structures(label_BHW: np.ndarray) -> tuple[list[list[str]], list[list[int]]]:
@@ -220,4 +283,4 @@ def export_affine(domain: dict[str, Any], size: int) -> np.ndarray:
     return canonical_affine(spacing, size, domain_plane(domain), slice_thickness_mm=spacing)
 
 
-__all__ = ["DTYPES", "GeneratedBatch", "SynthGenerator", "domain_plane", "export_affine", "export_intensity"]
+__all__ = ["DTYPES", "GeneratedBatch", "PendingBatch", "SynthGenerator", "decode_behind", "domain_plane", "export_affine", "export_intensity"]

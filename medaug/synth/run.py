@@ -216,10 +216,12 @@ def generate_batches(generator: SynthGenerator, plan: Plan, out: Path, export: E
                      rank: int, world_size: int, progress: Progress | None) -> SynthesisResult:
     """Generate, export and record this rank's unfinished batches (module docstring, step 3).
 
-    One thread saves batch b (exports, shards, parts file) while the main thread generates batch b + 1, so the
-    device does not wait for the files; at most one batch is in flight, and an error in either stops the run
-    after the batch being saved is finished or abandoned (its parts file is written last, so it then counts
-    as unfinished).
+    On a GPU batch b + 1 is queued on the device (:meth:`SynthGenerator.submit`) before batch b's result is
+    taken, so b's decode overlaps b + 1's sampling (on the CPU, where generating is synchronous, batches go
+    one at a time); one thread saves batch b (exports, shards, parts file)
+    while the main thread generates, so the device does not wait for the files. At most one batch is saved
+    and two are generated at a time; an error in either stops the run after the batch being saved is
+    finished or abandoned (its parts file is written last, so it then counts as unfinished).
     """
     writer = ShardWriter(out)
     mine = list(range(rank, plan.num_batches, world_size))
@@ -236,13 +238,22 @@ def generate_batches(generator: SynthGenerator, plan: Plan, out: Path, export: E
             elapsed = clock() - start
             progress(result.generated, total, result.generated / elapsed if elapsed > 0 else 0.0)
 
+    def submit(batch_index: int) -> tuple[int, Sequence[PlannedSample], Any]:
+        samples, tick = plan.batch(batch_index), clock()
+        queued = generator.submit(samples, plan.request.sampling)
+        result.stage_seconds["generate"] += clock() - tick
+        return batch_index, samples, queued
+
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="medaug-save") as saver:
-        in_flight = None
-        for batch_index in pending:
-            samples, tick = plan.batch(batch_index), clock()
-            batch = generator.generate(samples, plan.request.sampling)
-            for position, sample in enumerate(samples):  # past a domain's channels the shard holds zeros, as prepare's
-                batch.image_BCHW[position, len(generator.domains[sample.domain]["channels"]):] = 0.0
+        in_flight, queued = None, None
+        for position, batch_index in enumerate(pending):
+            batch_index, samples, waiting = queued or submit(batch_index)
+            ahead = generator.queues_on_device and position + 1 < len(pending)
+            queued = submit(pending[position + 1]) if ahead else None
+            tick = clock()
+            batch = waiting.result()
+            for row, sample in enumerate(samples):  # past a domain's channels the shard holds zeros, as prepare's
+                batch.image_BCHW[row, len(generator.domains[sample.domain]["channels"]):] = 0.0
             result.stage_seconds["generate"] += clock() - tick
             if in_flight is not None:
                 finish(*in_flight)

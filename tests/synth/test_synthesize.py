@@ -355,3 +355,57 @@ def test_fast_path_gives_the_basic_samplers_samples_on_cpu(generator, tiny_var_r
     basic, quick = generator.generate(plan.samples, SamplingSettings()), fast.generate(plan.samples, SamplingSettings())
     np.testing.assert_array_equal(quick.label_BHW, basic.label_BHW)
     np.testing.assert_allclose(quick.image_BCHW, basic.image_BCHW, atol=1e-5)
+
+
+class _QueueingGenerator(SynthGenerator):
+    """The real generator, declared asynchronous, logging when each batch is submitted and collected."""
+
+    queues_on_device = True  # what the fast path reports on CUDA
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.calls: list[tuple[str, int]] = []
+
+    def submit(self, samples, settings):
+        from medaug.synth.engine import PendingBatch
+
+        self.calls.append(("submit", samples[0].index))
+        pending = super().submit(samples, settings)
+        return PendingBatch(lambda: (self.calls.append(("result", samples[0].index)), pending.result())[1])
+
+
+def test_batches_are_queued_one_ahead_when_the_device_runs_behind_the_host(tiny_var_run, tmp_path, monkeypatch):
+    """With an asynchronous generator batch b + 1 is submitted before b is collected; what is saved is what a
+    one-at-a-time loop saves."""
+    import medaug.synth.run as run_module
+
+    saved: dict[str, list] = {}
+
+    def spying(label: str):
+        def save(generator, plan, samples, batch, *args):
+            saved.setdefault(label, []).append((samples[0].index, batch.image_BCHW.copy(), batch.label_BHW.copy()))
+            return original(generator, plan, samples, batch, *args)
+        return save
+
+    original = run_module.save_batch
+    request = PlanRequest(n=7, targets=("liver", "prostate"), batch_size=2, seed=4)
+    queueing = _QueueingGenerator(tiny_var_run["run_dir"], "cpu", fast=True)
+    plain = SynthGenerator(tiny_var_run["run_dir"], "cpu", fast=True)
+    assert not plain.queues_on_device
+    for label, generator in (("queued", queueing), ("plain", plain)):
+        plan = make_plan(request, generator.bank, generator.domain_names)
+        monkeypatch.setattr(run_module, "save_batch", spying(label))
+        out = tmp_path / label
+        out.mkdir()
+        result = run_module.generate_batches(generator, plan, out, run_module.ExportSettings(formats=()), "uid", 0, 1,
+                                             None)
+        assert result.generated == 7
+    first = [plan.batch(b)[0].index for b in range(plan.num_batches)]
+    expected = [("submit", first[0])]
+    for now, following in zip(first, first[1:] + [None]):
+        expected += ([("submit", following)] if following is not None else []) + [("result", now)]
+    assert queueing.calls == expected
+    assert [index for index, *_ in saved["queued"]] == [index for index, *_ in saved["plain"]] == first
+    for (_, image_a, label_a), (_, image_b, label_b) in zip(saved["queued"], saved["plain"]):
+        np.testing.assert_array_equal(image_a, image_b)
+        np.testing.assert_array_equal(label_a, label_b)
