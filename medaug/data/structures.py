@@ -152,11 +152,21 @@ class StructureSliceDataset(Dataset):
         self.image_size = base.height // self.pixel_scale if base.height else (image_size or 0)
         self._lut = torch.from_numpy(table.vocab_to_local_lut().astype(np.int64))
         annotated = read_row_column(base, "structures_annotated")
-        self._annotated_NS = torch.from_numpy(_annotated_matrix(annotated, table))
+        self._annotated_NS = torch.from_numpy(names_matrix(annotated, table))
         self._domain_index_N = torch.from_numpy(_domain_positions(base.rows.column("domain"), self.domains, base.root))
 
     def __len__(self) -> int:
         return len(self.base)
+
+    def domain_positions(self) -> np.ndarray:
+        """(N,) int64: each row's ``domain_index``."""
+        return self._domain_index_N.numpy()
+
+    def present_matrix(self) -> np.ndarray:
+        """(N, S) bool: the annotated table structures in each row's ``structures_present`` (the index's
+        full-resolution truth, one pixel or more)."""
+        present = names_matrix(read_row_column(self.base, "structures_present"), self.table)
+        return present & self._annotated_NS.numpy()
 
     def __getitem__(self, item: int) -> dict[str, torch.Tensor]:
         batch = self.read_batch([int(item)])
@@ -199,15 +209,15 @@ def _downsample(image_BCHW: torch.Tensor, label_BHW: torch.Tensor, factor: int) 
     return F.avg_pool2d(image_BCHW, factor), label_BHW[:, centre::factor, centre::factor].contiguous()
 
 
-def _annotated_matrix(annotated: list[list[str] | None], table: StructureTable) -> np.ndarray:
-    """(N, S) bool from each row's ``structures_annotated`` list (distinct lists converted once)."""
+def names_matrix(rows: Sequence[Sequence[str] | None], table: StructureTable) -> np.ndarray:
+    """(N, S) bool: row n lists table structure s (e.g. ``structures_annotated``; distinct lists converted once)."""
     cache: dict[tuple[str, ...], np.ndarray] = {}
-    matrix = np.zeros((len(annotated), table.num_structures), dtype=bool)
-    for row, names in enumerate(annotated):
+    matrix = np.zeros((len(rows), table.num_structures), dtype=bool)
+    for n, names in enumerate(rows):
         key = tuple(names or ())
         if key not in cache:
             cache[key] = table.annotated_mask(key)
-        matrix[row] = cache[key]
+        matrix[n] = cache[key]
     return matrix
 
 
@@ -222,6 +232,7 @@ def _domain_positions(column: pa.ChunkedArray, domains: list[str], where: Path) 
 __all__ = [
     "StructureSliceDataset",
     "StructureTable",
+    "names_matrix",
     "read_domain_names",
     "read_row_column",
     "read_structure_table",

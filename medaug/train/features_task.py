@@ -54,6 +54,7 @@ from medaug.data.structures import (
     DOMAINS_FILE,
     StructureSliceDataset,
     StructureTable,
+    names_matrix,
     read_domain_names,
     read_row_column,
     read_structure_table,
@@ -158,18 +159,6 @@ class FeatureSliceDataset(Dataset):
     def __getitems__(self, indices: Sequence[int]) -> list[dict[str, torch.Tensor]]:
         batch = self.read_batch(indices)
         return [{key: value[position] for key, value in batch.items()} for position in range(len(indices))]
-
-
-def names_matrix(rows: Sequence[Sequence[str] | None], table: StructureTable) -> np.ndarray:
-    """(N, S) bool: row n lists table structure s (distinct lists converted once)."""
-    cache: dict[tuple[str, ...], np.ndarray] = {}
-    matrix = np.zeros((len(rows), table.num_structures), dtype=bool)
-    for n, names in enumerate(rows):
-        key = tuple(names or ())
-        if key not in cache:
-            cache[key] = table.annotated_mask(key)
-        matrix[n] = cache[key]
-    return matrix
 
 
 def feature_dataset(data: Path, split: str, table: StructureTable, domains: Sequence[str],

@@ -10,6 +10,12 @@ One recipe (``recipes/models/*.yaml``) holds every knob, loaded with :func:`load
 * ``train``: the engine's :class:`~medaug.train.engine.TrainConfig` (steps, batch, precision, optimizers
   by module name ``vqvae`` / ``discriminator``...);
 * ``codebook``: :class:`CodebookConfig` (dead-code re-initialization);
+* ``sampler``: :class:`~medaug.data.samplers.SamplerConfig`: how train rows are drawn. ``natural`` (the
+  dataclass default) shuffles every row once per epoch; ``by: structure`` draws rows with rare structures
+  more often (the recipes ship ``power: 0.5``). A tokenizer that rarely sees a structure cannot put it in
+  its codes, and MedVAR can only generate what the codes hold: in a BraTS + phantoms run at 64² (prostate
+  slices 8 % of the train split, natural order, 1,200 steps) the prostate zones reconstructed with Dice 0
+  and no generated prostate mask showed a prostate;
 * ``eval``: :class:`~medaug.train.tokenizer_eval.EvalConfig`.
 
 Training step (per batch): VQ-VAE forward; L1 (+ SSIM) over the channels each row's domain has; marginal
@@ -47,6 +53,7 @@ from torch import nn
 from medaug.config.base import from_dict, recipe_data, to_dict
 from medaug.config.overrides import apply_overrides
 from medaug.data.dataset import PreparedSliceDataset
+from medaug.data.samplers import SamplerConfig, build_sampler
 from medaug.data.structures import (
     INDEX_FILE,
     StructureSliceDataset,
@@ -119,6 +126,7 @@ class TokenizerRecipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     losses: LossConfig = field(default_factory=LossConfig)
     codebook: CodebookConfig = field(default_factory=CodebookConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
@@ -292,6 +300,17 @@ class TokenizerTask:
 
     def train_dataset(self) -> StructureSliceDataset:
         return self._train
+
+    def train_sampler(self, rank: int, world_size: int, seed: int) -> Any:
+        """This rank's order of train rows: the engine's shuffle when ``sampler.by`` is natural, else
+        :func:`~medaug.data.samplers.build_sampler` over the rows' domains and present structures."""
+        from medaug.train.engine import ResumableSampler
+
+        config = self.recipe.sampler
+        if config.by == "natural" or config.power == 0.0:
+            return ResumableSampler(self._train, world_size, rank, seed)
+        return build_sampler(config, self._train.domain_positions(), self._train.present_matrix(), world_size,
+                             rank, seed)
 
     def training_step(self, modules: dict[str, nn.Module], batch: dict[str, torch.Tensor], step: int,
                       update: Callable[[str, torch.Tensor], None]) -> dict[str, torch.Tensor | float]:

@@ -220,6 +220,28 @@ def test_task_builds_the_model_from_the_data_and_reinits_dead_codes(tiny_prepare
     assert int(quantizer.usage_counts.sum()) == 0  # a new usage window
 
 
+def test_structure_balanced_sampler_draws_rows_by_their_rarest_structure(tiny_prepared):
+    natural = TokenizerTask(tiny_prepared, load_tokenizer_recipe(TINY, ["sampler.by=natural"]))
+    assert type(natural.train_sampler(0, 1, 0)).__name__ == "ResumableSampler"  # every row once per epoch
+    task = TokenizerTask(tiny_prepared, load_tokenizer_recipe(TINY, ["sampler.by=structure", "sampler.power=1.0",
+                                                                     "sampler.epoch_size=20000"]))
+    draws_T = task.train_sampler(0, 1, 0).share(0).numpy()
+    # the independent count: each row's rarest annotated structure present (or "none") by the index
+    frame = read_index(tiny_prepared / "index.parquet").to_pandas()
+    base = PreparedSliceDataset(tiny_prepared, split="train")
+    rows = frame.set_index("slice_id").loc[base.rows.column("slice_id").to_pylist()]
+    names = set(task.table.names)
+    classes = [sorted(set(p) & set(a) & names) or ["none"] for p, a in zip(rows.structures_present,
+                                                                             rows.structures_annotated)]
+    frequency = pd.Series([c for row in classes for c in row]).value_counts()
+    weights = np.array([max(1.0 / frequency[c] for c in row) for row in classes])
+    expected = weights / weights.sum()
+    observed = np.bincount(draws_T, minlength=len(rows)) / len(draws_T)
+    assert np.abs(observed - expected).max() < 0.01
+    rarest = int(np.argmax(weights))
+    assert observed[rarest] > 2 / len(rows)  # a rare row is drawn well above its natural 1/N share
+
+
 def test_gan_path_trains_a_discriminator(tiny_prepared, tmp_path):
     overrides = ["model.base_channels=8", "losses.gan=0.5", "losses.gan_start_step=1", "train.batch_size=4",
                  "losses.discriminator.base_channels=8", "losses.discriminator.num_layers=2",
