@@ -2,7 +2,8 @@
 # Several measurements in one device call (kind nvidia-h200-x2, <= 9 minutes), side by side (PARTS picks them):
 #   pipeline   GPU 1: benchmarks/gpu_pipeline.sh (raw data -> prepare -> train -> synthesize -> own backbone -> metrics);
 #   downstream GPU 0: gpu_pipeline.sh on BraTS + phantoms with shorter training, then `medaug evaluate downstream`;
-#   sample     GPU 0: benchmarks/sample.py part a (d16 sampler and decoder) then part b (d30);
+#   sample     GPU 0: benchmarks/sample.py parts SAMPLE_PARTS (default "a b": d16 sampler and decoder, then d30;
+#              "s": the streamed loop and the max-autotune decoder alone);
 #   sweep      benchmarks/phantom_sweep.py (tiny phantom pipeline budgets; SWEEP_DEVICE cpu like CI, or cuda).
 # Every part runs under a timeout that ends it LIMIT_S seconds after the start, so the logs always come back.
 # Everything it keeps lands in $OUT (at most 8 files): pipeline.tar.gz + pipeline.json, downstream.tar.gz +
@@ -18,6 +19,7 @@ set -uo pipefail
 OUT=${OUT:-out/measure}
 PARTS=${PARTS:-pipeline sample sweep}
 SAMPLE_DEADLINE_S=${SAMPLE_DEADLINE_S:-330}
+SAMPLE_PARTS=${SAMPLE_PARTS:-a b}
 SWEEP_PARALLEL=${SWEEP_PARALLEL:-10}
 SWEEP_THREADS=${SWEEP_THREADS:-2}
 SWEEP_CONFIGS=${SWEEP_CONFIGS:-}
@@ -53,10 +55,11 @@ case " $PARTS " in *" downstream "*)
 esac
 case " $PARTS " in *" sample "*)
   (
-    CUDA_VISIBLE_DEVICES=0 timeout "$(budget)" python3 benchmarks/sample.py --part a --deadline-s "$SAMPLE_DEADLINE_S" \
-      --json-out "$logs/sample-a.json" > "$logs/sample-a.log" 2>&1
-    CUDA_VISIBLE_DEVICES=0 timeout "$(budget)" python3 benchmarks/sample.py --part b --deadline-s 150 \
-      --json-out "$logs/sample-b.json" > "$logs/sample-b.log" 2>&1
+    for part in $SAMPLE_PARTS; do
+      deadline=$([ "$part" = b ] && echo 150 || echo "$SAMPLE_DEADLINE_S")
+      CUDA_VISIBLE_DEVICES=0 timeout "$(budget)" python3 benchmarks/sample.py --part "$part" --deadline-s "$deadline" \
+        --json-out "$logs/sample-$part.json" > "$logs/sample-$part.log" 2>&1
+    done
   ) &
   pids+=($!) ;;
 esac
@@ -79,7 +82,7 @@ import json, sys
 from pathlib import Path
 logs, out = Path(sys.argv[1]), Path(sys.argv[2])
 merged = {}
-for part in ("a", "b"):
+for part in ("a", "b", "s"):
     path = logs / f"sample-{part}.json"
     if path.exists():
         data = json.loads(path.read_text())

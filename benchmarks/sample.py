@@ -566,9 +566,26 @@ def part_b(report: Report, device: torch.device, smoke: bool, deadline: float) -
                                                                batches[0], 3))
 
 
+def part_s(report: Report, device: torch.device, smoke: bool, deadline: float) -> None:
+    """The streamed loop alone (d16 at batch 256 and 64: one at a time vs decode behind sampling), then the
+    max-autotune decoder: what part a reaches last, first."""
+    var, vqvae = build_models("d16", device, smoke)
+    decoder = FastDecoder(vqvae)
+    sampler = FastSampler(var, vqvae.quantizer, convert_in_place=True)
+    for batch, count in ((256, 8), (64, 16)) if not smoke else ((4, 2),):
+        if left(deadline) > 40:
+            guarded(report, f"streamed_d16_batch{batch}",
+                    lambda b=batch, c=count: streamed_rows(sampler, decoder, vqvae.quantizer, device, b, c))
+    del sampler
+    free_memory(device)
+    if not smoke and left(deadline) > 60:
+        guarded(report, "decoder_max_autotune", lambda: decoder_autotune(vqvae, device, 256, 5))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=("a", "b"), required=True)
+    parser.add_argument("--part", choices=("a", "b", "s"), required=True, help="a: d16, b: d30, s: streamed d16 "
+                        "and the max-autotune decoder")
     parser.add_argument("--smoke", action="store_true", help="tiny models (checks the script on the CPU)")
     parser.add_argument("--deadline-s", type=float, default=480.0, help="skip what would not finish by then")
     parser.add_argument("--json-out", type=Path, default=None)
@@ -580,7 +597,7 @@ def main() -> None:
                     settings=SETTINGS, machine=common.machine(gpu=gpu, torch=torch.__version__,
                                                               python=platform.python_version()),
                     commit=os.environ.get("MEDAUG_COMMIT") or common.commit()["commit"])
-    (part_a if args.part == "a" else part_b)(report, device, args.smoke, args.deadline_s)
+    {"a": part_a, "b": part_b, "s": part_s}[args.part](report, device, args.smoke, args.deadline_s)
     report.put("wall_s", round(time.perf_counter() - START, 1))
 
 

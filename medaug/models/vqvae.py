@@ -498,7 +498,10 @@ class FastDecoder:
         if self.device.type != "cuda":
             return self.max_chunk
         free, _ = torch.cuda.mem_get_info(self.device)
-        free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+        if torch.cuda.current_stream(self.device) == torch.cuda.default_stream(self.device):
+            # memory PyTorch holds but does not use is free to this stream only if it is the stream that
+            # freed it; on a side stream (decode behind sampling) count what the device has left alone
+            free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
         itemsize = torch.empty((), dtype=self.dtype).element_size()
         per_image = self.config.image_size**2 * self.config.base_channels * itemsize * DECODE_BYTES_PER_PIXEL_CHANNEL
         return max(1, min(self.max_chunk, free // 2 // per_image))

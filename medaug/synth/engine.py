@@ -229,14 +229,17 @@ def decode_behind(decoder: Any, quantizer: Any, indices: list[torch.Tensor], dec
     device = indices[0].device
     stream.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(stream):
-        image_BCHW, label_BHW = decoder.indices_to_img(quantizer, indices, decode_BS.to(device, non_blocking=True))
+        decode_BS = decode_BS.to(device, non_blocking=True)
+        image_BCHW, label_BHW = decoder.indices_to_img(quantizer, indices, decode_BS)
         image_host = torch.empty(image_BCHW.shape, dtype=torch.float32, pin_memory=True)
         label_host = torch.empty(label_BHW.shape, dtype=torch.uint8, pin_memory=True)
         image_host.copy_(image_BCHW, non_blocking=True)
         label_host.copy_(label_BHW.clamp(0, 255).to(torch.uint8), non_blocking=True)
         event = stream.record_event()
-    for indices_BHW in indices:  # made on the current stream, read on this one: not reused before it is done
-        indices_BHW.record_stream(stream)
+    # inputs made on the current stream and read on this one must not be reused before it has read them
+    # (the caller may drop them, and its next batch allocate their memory, while this stream still runs)
+    for tensor in (*indices, decode_BS):
+        tensor.record_stream(stream)
     return image_host, label_host, event
 
 
