@@ -358,7 +358,19 @@ def check_nnunet_raw(folder: Path) -> dict:
             assert not np.isnan(sitk.GetArrayFromImage(image)).any()
             for get in ("GetSpacing", "GetOrigin", "GetDirection"):
                 np.testing.assert_allclose(getattr(image, get)(), getattr(label, get)(), rtol=1e-5, atol=1e-5)
+    verify_with_nnunet(folder)
     return meta
+
+
+def verify_with_nnunet(folder: Path) -> None:
+    """nnU-Net v2's own ``verify_dataset_integrity`` (raises on a bad dataset), where nnunetv2 is installed.
+
+    CI does not install it (it pulls a CUDA build of torch); it ran here with nnunetv2 2.8.1 (2026-11-29)."""
+    try:
+        from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
+    except ImportError:
+        return
+    verify_dataset_integrity(str(folder), 1)
 
 
 def nnunet_label_file(folder: Path, case: str) -> np.ndarray:
