@@ -437,8 +437,8 @@ def demo(
     Example: medaug demo --out out/demo
 
     phantoms → prepare → tiny tokenizer + MedVAR transformer → class-balanced synthesis (PNG, NIfTI, DICOM)
-    → medaug's own feature encoder → evaluate metrics → the quality bar (acceptance.json). About 20
-    CPU-minutes with the defaults; uses a GPU when present. A rerun with the same --out reuses finished stages.
+    → medaug's own feature encoder → evaluate metrics → the quality bar (acceptance.json). About 12
+    CPU-minutes (6-8 minutes on 2 cores) with the defaults; uses a GPU when present. A rerun with the same --out reuses finished stages.
     """
     from medaug.errors import MedaugError
 

@@ -1,5 +1,5 @@
 """Issue 11's quality bar on phantoms: the demo's generator, trained at the demo's budget on the CPU, must
-clear every check of :mod:`medaug.eval.acceptance` (slow: about 8 minutes on 2 cores). Two checks sit at
+clear every check of :mod:`medaug.eval.acceptance` (slow: about 6-8 minutes on 2 cores). Two checks sit at
 the edge of their bar between runs and are marked so (``AT_THE_EDGE``): they run and report, the bar is
 unchanged.
 
@@ -30,12 +30,17 @@ def accepted(tmp_path_factory):
     return out, state, json.loads((out / "acceptance.json").read_text())
 
 
-# Measured run to run (same code, same 2-core machine type; training is not bit-reproducible between runs):
-# brain_tumor presence 0.72, 0.84 and 0.94 on the CPU, 0.91-1.0 on the GPU; prostate 0.94-1.0; tumour mask
-# Dice 0.63, 0.73 and 0.82. These checks are at the edge of the bar: they run and report (XPASS / XFAIL) without
-# failing CI, and issue 11 stays open until the tiny generator clears them every time.
-AT_THE_EDGE = pytest.mark.xfail(strict=False, reason="tumour / 32-sample presence varies across runs around "
-                                                     "its bar (0.72-1.0 measured for brain_tumor, bar 0.9)")
+# Measured run to run (training is not bit-reproducible between runs). Session 3, CPU: brain_tumor presence
+# 0.72, 0.84, 0.94, 0.875; tumour mask Dice 0.63, 0.73, 0.82, 0.88. Session 4 added conditions that count a
+# structure from 8 pixels on and structure-balanced tokenizer draws: on the GPU (5 training seeds, 64 samples
+# per target) tumour presence 0.906-0.969 and the whole bar in 4 of 5 runs; on the CPU (4 runs) tumour presence
+# 0.84-0.97, tumour mask Dice 0.25-0.88, and in one run liver 0.78 and prostate 0.75 presence: the whole bar
+# in 1 of 4 (benchmarks/results/phantom-sweep-round4-h200.json, phantom-sweep-cpu.json). Tumour misses are
+# samples with no tumour at all, mostly of conditions drawn from the tumour's edge slices; with the tumour bit
+# off the same generator shows one in 3% of samples. These checks run and report (XPASS / XFAIL) without
+# failing CI; the bar is unchanged, and issue 11 stays open until the tiny generator clears them every time.
+AT_THE_EDGE = pytest.mark.xfail(strict=False, reason="target presence and tumour mask agreement vary across runs "
+                                                     "around their bars (tumour presence 0.72-0.97, bar 0.9)")
 TARGETS = ("liver", "prostate", "brain_tumor")
 
 
