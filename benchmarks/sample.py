@@ -582,10 +582,28 @@ def part_s(report: Report, device: torch.device, smoke: bool, deadline: float) -
         guarded(report, "decoder_max_autotune", lambda: decoder_autotune(vqvae, device, 256, 5))
 
 
+def part_p(report: Report, device: torch.device, smoke: bool, deadline: float) -> None:
+    """Kernel profiles only (what to speed up next): d16 tokens at batch 256 and the decoder at batch 256."""
+    var, vqvae = build_models("d16", device, smoke)
+    batch = 256 if not smoke else 4
+    sampler = FastSampler(var, vqvae.quantizer, convert_in_place=True)
+    condition, seeds = conditions(batch, device, seed=batch), list(range(batch))
+    run_fast(sampler, None, vqvae.quantizer, condition, seeds)  # compile and warm up
+    sync(device)
+    guarded(report, "profile_tokens_d16_256",
+            lambda: profile_top(lambda: run_fast(sampler, None, vqvae.quantizer, condition, seeds), device, top=25))
+    decoder = FastDecoder(vqvae)
+    indices = run_fast(sampler, None, vqvae.quantizer, condition, seeds)
+    f_hat_BCHW = vqvae.quantizer.indices_to_features(indices)
+    decoder.decode(f_hat_BCHW)
+    sync(device)
+    guarded(report, "profile_decoder_256", lambda: profile_top(lambda: decoder.decode(f_hat_BCHW), device, top=25))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=("a", "b", "s"), required=True, help="a: d16, b: d30, s: streamed d16 "
-                        "and the max-autotune decoder")
+    parser.add_argument("--part", choices=("a", "b", "s", "p"), required=True, help="a: d16, b: d30, s: streamed "
+                        "d16 and the max-autotune decoder, p: kernel profiles of d16 tokens and the decoder")
     parser.add_argument("--smoke", action="store_true", help="tiny models (checks the script on the CPU)")
     parser.add_argument("--deadline-s", type=float, default=480.0, help="skip what would not finish by then")
     parser.add_argument("--json-out", type=Path, default=None)
@@ -597,7 +615,7 @@ def main() -> None:
                     settings=SETTINGS, machine=common.machine(gpu=gpu, torch=torch.__version__,
                                                               python=platform.python_version()),
                     commit=os.environ.get("MEDAUG_COMMIT") or common.commit()["commit"])
-    {"a": part_a, "b": part_b, "s": part_s}[args.part](report, device, args.smoke, args.deadline_s)
+    {"a": part_a, "b": part_b, "s": part_s, "p": part_p}[args.part](report, device, args.smoke, args.deadline_s)
     report.put("wall_s", round(time.perf_counter() - START, 1))
 
 
