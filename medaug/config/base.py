@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
@@ -175,6 +175,39 @@ def to_dict(config: Any) -> Any:
     return config
 
 
+def changed_keys(before: Any, after: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two recipe dicts (JSON-like), in sorted order; a key
+    present on one side only counts as changed."""
+    if isinstance(before, dict) and isinstance(after, dict):
+        keys = sorted(set(before) | set(after))
+        return [changed for key in keys for changed in changed_keys(before.get(key, _ABSENT), after.get(key, _ABSENT),
+                                                                    f"{prefix}{key}.")]
+    before = list(before) if isinstance(before, tuple) else before
+    after = list(after) if isinstance(after, tuple) else after
+    return [] if before == after else [prefix.rstrip(".")]
+
+
+def warn_recipe_changes(stored: str | Path, current: dict[str, Any], allowed: Sequence[str] = ()) -> list[str]:
+    """On resume: log a warning naming every key of ``current`` that differs from the recipe JSON a run
+    stored at its start (``allowed``: prefixes that may change, e.g. ``train.max_steps``); returns the keys."""
+    import json
+    import logging
+
+    path = Path(stored)
+    if not path.is_file():
+        return []
+    changed = [key for key in changed_keys(json.loads(path.read_text()), json.loads(json.dumps(current)))
+               if not any(key == a or key.startswith(f"{a}.") for a in allowed)]
+    if changed:
+        logging.getLogger(__name__).warning(
+            "resuming %s with a recipe that differs from the one it started with in %s; the run continues with the "
+            "new values", path.parent, ", ".join(changed))
+    return changed
+
+
+_ABSENT = object()  # a key one recipe dict has and the other lacks
+
+
 def _field_names(cls: type) -> str:
     return ", ".join(field.name for field in dataclasses.fields(cls))  # type: ignore[arg-type]
 
@@ -195,4 +228,4 @@ def _type_name(annotation: Any) -> str:
     return getattr(annotation, "__name__", str(annotation))
 
 
-__all__ = ["from_dict", "to_dict", "convert", "read_yaml", "ConfigError"]
+__all__ = ["from_dict", "to_dict", "convert", "read_yaml", "changed_keys", "warn_recipe_changes", "ConfigError"]

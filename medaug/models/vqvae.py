@@ -29,6 +29,7 @@ BatchNorm, so multi-GPU training equals single-GPU training.
 from __future__ import annotations
 
 import copy
+import logging
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -38,6 +39,8 @@ from torch import nn
 
 from medaug.errors import ConfigError, LabelError
 from medaug.models.quant import MultiScaleQuantizer, QuantizerConfig
+
+log = logging.getLogger(__name__)
 
 IGNORE_LABEL = 255
 """Label value of pixels that carry no label (no loss, all-zero one-hot)."""
@@ -457,7 +460,11 @@ class FastDecoder:
     dimension is dynamic, so one compile serves every batch size; a batch of one is padded to two).
     ``fold_upsample`` (default on CUDA) runs each nearest-×2 + 3×3 conv as one transposed conv
     (:class:`FoldedUpsample`: the same function, 10% fewer decoder FLOPs at 256²).
-    Batches are decoded in chunks that fit in half the free device memory (``max_chunk`` caps them).
+    Batches are decoded in chunks of :meth:`chunk_size` images: on CUDA what fits in a third of the device's
+    total memory (``max_chunk`` caps it), fixed for the decoder's life, so a batch's decode (and its
+    convolution algorithms, picked per shape) does not depend on what else holds memory at the time (the
+    decode may run on a side stream beside sampling); after an out-of-memory error the chunk halves, with a
+    warning, and stays halved.
     With float32 weights and every option off it computes exactly :meth:`VQVAE.decode`.
     On CUDA it turns on ``torch.backends.cudnn.benchmark`` (convolution algorithms picked per shape).
     """
@@ -488,29 +495,39 @@ class FastDecoder:
             path = path.to(memory_format=torch.channels_last)
         self.path = path
         self._upsampler: CodeUpsampler | None = None
+        self._chunk: int | None = None
         self.compiled = cuda if compile is None else compile
         self._forward = torch.compile(path, dynamic=None) if self.compiled else path
         if cuda:
             torch.backends.cudnn.benchmark = True
 
     def chunk_size(self) -> int:
-        """Images per decoder call: what fits in half the free memory, at most ``max_chunk``."""
+        """Images per decoder call (class docstring): at most ``max_chunk``; on CUDA what fits in a third of
+        the device's total memory, fixed once computed (halved after an out-of-memory error)."""
         if self.device.type != "cuda":
             return self.max_chunk
-        free, _ = torch.cuda.mem_get_info(self.device)
-        if torch.cuda.current_stream(self.device) == torch.cuda.default_stream(self.device):
-            # memory PyTorch holds but does not use is free to this stream only if it is the stream that
-            # freed it; on a side stream (decode behind sampling) count what the device has left alone
-            free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
-        itemsize = torch.empty((), dtype=self.dtype).element_size()
-        per_image = self.config.image_size**2 * self.config.base_channels * itemsize * DECODE_BYTES_PER_PIXEL_CHANNEL
-        return max(1, min(self.max_chunk, free // 2 // per_image))
+        if self._chunk is None:
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            itemsize = torch.empty((), dtype=self.dtype).element_size()
+            per_image = self.config.image_size**2 * self.config.base_channels * itemsize * DECODE_BYTES_PER_PIXEL_CHANNEL
+            self._chunk = max(1, min(self.max_chunk, total // 3 // per_image))
+        return self._chunk
 
     @torch.no_grad()
     def decode(self, f_hat_BCHW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(image (B, C_img, H, W) float32, logits (B, S + 1, H, W) in ``dtype``), as :meth:`VQVAE.decode`."""
-        chunk = self.chunk_size()
-        outputs = [self._decode_chunk(f_hat_BCHW[s:s + chunk]) for s in range(0, f_hat_BCHW.shape[0], chunk)]
+        while True:
+            chunk = self.chunk_size()
+            try:
+                outputs = [self._decode_chunk(f_hat_BCHW[s:s + chunk]) for s in range(0, f_hat_BCHW.shape[0], chunk)]
+                break
+            except torch.cuda.OutOfMemoryError:
+                if chunk == 1:
+                    raise
+                self._chunk = chunk // 2
+                log.warning("decoder out of memory at %d images per call; decoding %d at a time from now on",
+                            chunk, self._chunk)
+                torch.cuda.empty_cache()
         out_BCHW = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
         channels = self.config.image_channels
         image_BCHW = out_BCHW[:, :channels].float()

@@ -154,8 +154,9 @@ class SynthGenerator:
         decode and the copy to pinned host memory run on a second stream that waits for the tokens, and
         nothing here waits for the device: a caller that submits batch b + 1 before taking batch b's result
         (as :func:`medaug.synth.run.generate_batches` does) has b's decode overlap b + 1's sampling, and the
-        host's per-sample work overlap both. The kernels and their order per stream are those of
-        :meth:`generate`, so the results are too.
+        host's per-sample work overlap both. Each stream runs the kernels one batch at a time would, in the same
+        order and at the same shapes (the decoder's chunk size is fixed, not read from free memory), so a
+        batch's result does not depend on what ran beside it.
         """
         from medaug.models.sampling import generators_from_seeds
 

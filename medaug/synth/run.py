@@ -246,21 +246,24 @@ def generate_batches(generator: SynthGenerator, plan: Plan, out: Path, export: E
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="medaug-save") as saver:
         in_flight, queued = None, None
-        for position, batch_index in enumerate(pending):
-            batch_index, samples, waiting = queued or submit(batch_index)
-            ahead = generator.queues_on_device and position + 1 < len(pending)
-            queued = submit(pending[position + 1]) if ahead else None
-            tick = clock()
-            batch = waiting.result()
-            for row, sample in enumerate(samples):  # past a domain's channels the shard holds zeros, as prepare's
-                batch.image_BCHW[row, len(generator.domains[sample.domain]["channels"]):] = 0.0
-            result.stage_seconds["generate"] += clock() - tick
+        try:
+            for position, batch_index in enumerate(pending):
+                batch_index, samples, waiting = queued or submit(batch_index)
+                ahead = generator.queues_on_device and position + 1 < len(pending)
+                queued = submit(pending[position + 1]) if ahead else None
+                tick = clock()
+                batch = waiting.result()
+                for row, sample in enumerate(samples):  # past a domain's channels the shard holds zeros, as prepare's
+                    batch.image_BCHW[row, len(generator.domains[sample.domain]["channels"]):] = 0.0
+                result.stage_seconds["generate"] += clock() - tick
+                if in_flight is not None:
+                    saving, in_flight = in_flight, None
+                    finish(*saving)
+                in_flight = (saver.submit(save_batch, generator, plan, samples, batch, batch_index,
+                                          layout.batch_id(run_uid, batch_index), exporters, writer), len(samples))
+        finally:  # the last save, or the one running when generation failed: its own error is raised too
             if in_flight is not None:
                 finish(*in_flight)
-            in_flight = (saver.submit(save_batch, generator, plan, samples, batch, batch_index,
-                                      layout.batch_id(run_uid, batch_index), exporters, writer), len(samples))
-        if in_flight is not None:
-            finish(*in_flight)
     result.seconds = clock() - start
     return result
 

@@ -50,7 +50,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from medaug.config.base import from_dict, recipe_data, to_dict
+from medaug.config.base import from_dict, recipe_data, to_dict, warn_recipe_changes
 from medaug.config.overrides import apply_overrides
 from medaug.data.dataset import PreparedSliceDataset
 from medaug.data.samplers import SamplerConfig, build_sampler
@@ -308,6 +308,9 @@ class TokenizerTask:
 
         config = self.recipe.sampler
         if config.by == "natural" or config.power == 0.0:
+            if config.epoch_size is not None:
+                raise ConfigError("sampler.epoch_size", f"is {config.epoch_size}; with by: natural the tokenizer "
+                                  "shuffles every row once per epoch (set it only with by: domain or structure)")
             return ResumableSampler(self._train, world_size, rank, seed)
         return build_sampler(config, self._train.domain_positions(), self._train.present_matrix(), world_size,
                              rank, seed)
@@ -480,6 +483,9 @@ def _gather_rows(features_BCHW: torch.Tensor) -> torch.Tensor:
 
 
 RECIPE_FILE = "tokenizer_recipe.json"
+RESUMABLE_KEYS = ("train.max_steps", "train.max_minutes", "train.device", "train.num_workers", "train.log_every",
+                  "train.checkpoint_every", "train.keep_last")
+"""Recipe keys a resumed run may change without a warning (how long and where it runs, not what it learns)."""
 METRICS_FILE = "metrics.json"
 
 
@@ -519,7 +525,10 @@ def train_then_evaluate(task: Any, config: Any, recipe_record: dict[str, Any], r
     from medaug.train.distributed import is_rank0, on_rank0
     from medaug.train.engine import train
 
-    if resume or latest_checkpoint(out) is None:  # else the engine refuses the folder; keep its recipe
+    fresh = latest_checkpoint(out) is None
+    if resume and not fresh:  # a changed default or override alters what the rest of the run learns: say so
+        on_rank0(warn_recipe_changes, recipe_path, recipe_record, RESUMABLE_KEYS)
+    if resume or fresh:  # else the engine refuses the folder; keep its recipe
         on_rank0(write_json, recipe_path, recipe_record)
     result = train(task, config, out, resume=resume, progress=progress)
     summary: dict[str, Any] = {"run_dir": str(out), "step": result.step, "stopped_by": result.stopped_by,

@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medaug.config.base import from_dict, read_yaml, recipe_data, to_dict
+from medaug.config.base import from_dict, read_yaml, recipe_data, to_dict, warn_recipe_changes
 from medaug.data.samplers import BalancedSampler, SamplerConfig, build_sampler
 from medaug.data.structures import DOMAINS_FILE, INDEX_FILE, StructureTable
 from medaug.errors import CheckpointError, ConfigError
@@ -69,6 +69,9 @@ log = logging.getLogger(__name__)
 
 TOKENIZER_DIR = "tokenizer"
 RECIPE_FILE = "var_recipe.json"
+RESUMABLE_KEYS = ("train.max_steps", "train.max_minutes", "train.device", "train.num_workers", "train.log_every",
+                  "train.checkpoint_every", "train.keep_last", "samples")
+"""Recipe keys a resumed run may change without a warning (how long and where it runs, not what it learns)."""
 METRICS_FILE = "metrics.json"
 SAMPLES_PNG = "samples.png"
 SAMPLES_JSON = "samples.json"
@@ -200,7 +203,18 @@ def load_var_recipe(recipe: str | Path | VarRecipe | dict, overrides: Sequence[s
     """
     data, where = recipe_data(recipe, VarRecipe, to_dict, resolve_recipe_path)
     data = apply_overrides(data, overrides, VarRecipe)
-    return resolve_lr(from_dict(VarRecipe, data, where), data, where)
+    return resolve_present_threshold(resolve_lr(from_dict(VarRecipe, data, where), data, where), data, where)
+
+
+def resolve_present_threshold(recipe: VarRecipe, data: dict[str, Any], where: str) -> VarRecipe:
+    """The recipe with ``tokens.present_min_pixels`` = ``conditioning.min_pixels`` (the token cache computes
+    the conditions, so the recorded recipe says how); a different explicit value is refused."""
+    explicit = (data.get("tokens") or {}).get("present_min_pixels")
+    threshold = recipe.conditioning.min_pixels
+    if explicit is not None and explicit != threshold:
+        raise ConfigError(f"{where}.tokens.present_min_pixels", f"is {explicit} but conditioning.min_pixels is "
+                                                                f"{threshold}; set conditioning.min_pixels alone")
+    return dataclasses.replace(recipe, tokens=dataclasses.replace(recipe.tokens, present_min_pixels=threshold))
 
 
 def resolve_lr(recipe: VarRecipe, data: dict[str, Any], where: str) -> VarRecipe:
@@ -463,8 +477,7 @@ def build_var_task(data: str | Path, tokenizer: str | Path | None, recipe: VarRe
     if record["data_index_sha256"] not in (None, _index_sha(data)):
         log.warning("the tokenizer was trained on another prepared dataset (index %s); training the transformer on %s",
                     str(record["data_index_sha256"])[:12], data)
-    tokens = dataclasses.replace(recipe.tokens, present_min_pixels=recipe.conditioning.min_pixels)
-    cache = prepare_token_cache(data, vqvae, table, domain_names, record["sha256"], run_dir / CACHE_DIR, tokens)
+    cache = prepare_token_cache(data, vqvae, table, domain_names, record["sha256"], run_dir / CACHE_DIR, recipe.tokens)
     context = GeneratorContext(domains, domain_names, table, record, data_lineage(data, int(cache.info["rows_original"])))
     return VarTask(cache, vqvae.quantizer, recipe, context)
 
@@ -649,6 +662,8 @@ def train_var(
         raise ConfigError(out, "holds checkpoints of an earlier run; expected resume=True (--resume) or a new run folder")
     info = dist_utils.setup(recipe.train.device)
     try:
+        if not fresh:  # e.g. a new default since the run started rebuilds its token cache: say so
+            dist_utils.on_rank0(warn_recipe_changes, out / RECIPE_FILE, to_dict(recipe), RESUMABLE_KEYS)
         task = build_var_task(data, tokenizer, recipe, out, info.device)
         dist_utils.on_rank0(write_json, out / RECIPE_FILE, to_dict(recipe))
         result = train(task, recipe.train, out, resume=resume, progress=progress)

@@ -7,7 +7,7 @@ from typing import Literal
 
 import pytest
 
-from medaug.config.base import from_dict, read_yaml, to_dict
+from medaug.config.base import changed_keys, from_dict, read_yaml, to_dict, warn_recipe_changes
 from medaug.errors import ConfigError
 
 
@@ -87,3 +87,20 @@ def test_a_loaded_tokenizer_recipe_loads_again():
 
     recipe = load_tokenizer_recipe("tiny")
     assert load_tokenizer_recipe(recipe, ["train.max_steps=7"]).train.max_steps == 7
+
+
+def test_changed_keys_name_every_difference_and_warn_on_resume(tmp_path, caplog):
+    import json
+    import logging
+
+    before = {"train": {"max_steps": 10, "seed": 0}, "sampler": {"by": "natural", "power": 1.0}, "tags": [1, 2]}
+    after = {"train": {"max_steps": 20, "seed": 0}, "sampler": {"by": "structure", "power": 1.0}, "tags": (1, 2),
+             "conditioning": {"min_pixels": 8}}
+    assert changed_keys(before, after) == ["conditioning", "sampler.by", "train.max_steps"]
+    assert changed_keys(after, after) == []
+    stored = tmp_path / "recipe.json"
+    stored.write_text(json.dumps(before))
+    with caplog.at_level(logging.WARNING):
+        assert warn_recipe_changes(stored, after, ["train.max_steps"]) == ["conditioning", "sampler.by"]
+    assert "conditioning, sampler.by" in caplog.text and "max_steps" not in caplog.text
+    assert warn_recipe_changes(tmp_path / "absent.json", after) == []

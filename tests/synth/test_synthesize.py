@@ -409,3 +409,49 @@ def test_batches_are_queued_one_ahead_when_the_device_runs_behind_the_host(tiny_
     for (_, image_a, label_a), (_, image_b, label_b) in zip(saved["queued"], saved["plain"]):
         np.testing.assert_array_equal(image_a, image_b)
         np.testing.assert_array_equal(label_a, label_b)
+
+
+def test_a_failed_save_is_raised_even_when_generation_fails_too(tiny_var_run, tmp_path, monkeypatch):
+    """Batch 0's save fails in the saver thread while batch 1's generation fails in the main thread: the save's
+    error is raised (not swallowed), with the generation's error as its context, and no batch is complete."""
+    import medaug.synth.run as run_module
+
+    class SaveFailed(RuntimeError):
+        pass
+
+    class GenerateFailed(RuntimeError):
+        pass
+
+    class FailingSecond(SynthGenerator):
+        def submit(self, samples, settings):
+            if samples[0].index != plan.batch(0)[0].index:
+                raise GenerateFailed("batch 1")
+            return super().submit(samples, settings)
+
+    def failing_save(*args):
+        raise SaveFailed("batch 0")
+
+    generator = FailingSecond(tiny_var_run["run_dir"], "cpu")
+    plan = make_plan(PlanRequest(n=4, targets=("liver",), batch_size=2, seed=1), generator.bank, generator.domain_names)
+    monkeypatch.setattr(run_module, "save_batch", failing_save)
+    with pytest.raises(SaveFailed) as raised:
+        run_module.generate_batches(generator, plan, tmp_path, run_module.ExportSettings(formats=()), "uid", 0, 1, None)
+    assert isinstance(raised.value.__context__, GenerateFailed)
+    from medaug.data.shards import ShardWriter
+
+    assert not any(ShardWriter(tmp_path).is_complete(layout.batch_id("uid", b)) for b in range(plan.num_batches))
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="the decode stream exists on CUDA only")
+def test_batches_queued_on_cuda_equal_batches_made_one_at_a_time(tiny_var_run):
+    """On a GPU: every batch submitted before any result is taken (decodes behind later batches' sampling)
+    gives the images and labels that batches generated one at a time give."""
+    generator = SynthGenerator(tiny_var_run["run_dir"], "cuda")
+    plan = make_plan(PlanRequest(n=12, targets=("liver", "prostate"), batch_size=4, seed=3), generator.bank,
+                     generator.domain_names)
+    batches = [plan.batch(b) for b in range(plan.num_batches)]
+    alone = [generator.generate(samples, SamplingSettings()) for samples in batches]
+    queued = [pending.result() for pending in [generator.submit(samples, SamplingSettings()) for samples in batches]]
+    for one, other in zip(alone, queued):
+        np.testing.assert_array_equal(other.image_BCHW, one.image_BCHW)
+        np.testing.assert_array_equal(other.label_BHW, one.label_BHW)

@@ -223,6 +223,9 @@ def test_task_builds_the_model_from_the_data_and_reinits_dead_codes(tiny_prepare
 def test_structure_balanced_sampler_draws_rows_by_their_rarest_structure(tiny_prepared):
     natural = TokenizerTask(tiny_prepared, load_tokenizer_recipe(TINY, ["sampler.by=natural"]))
     assert type(natural.train_sampler(0, 1, 0)).__name__ == "ResumableSampler"  # every row once per epoch
+    sized = TokenizerTask(tiny_prepared, load_tokenizer_recipe(TINY, ["sampler.by=natural", "sampler.epoch_size=50"]))
+    with pytest.raises(ConfigError, match="sampler.epoch_size"):
+        sized.train_sampler(0, 1, 0)
     task = TokenizerTask(tiny_prepared, load_tokenizer_recipe(TINY, ["sampler.by=structure", "sampler.power=1.0",
                                                                      "sampler.epoch_size=20000"]))
     draws_T = task.train_sampler(0, 1, 0).share(0).numpy()

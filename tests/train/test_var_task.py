@@ -77,11 +77,21 @@ def test_recipes_load_and_scale_the_learning_rate_with_the_global_batch():
     ("sampler.by=organ", "sampler.by"),
     ("conditioning.drop_rate=1.5", "conditioning.drop_rate"),
     ("loss.label_smoothing=-0.1", "loss.label_smoothing"),
-], ids=["lr-and-base-lr", "filled-from-tokenizer", "unknown-preset", "unknown-balance", "rate-above-1", "negative-smoothing"])
+    ("conditioning.min_pixels=0", "conditioning.min_pixels"),
+    ("tokens.present_min_pixels=3", "tokens.present_min_pixels"),
+], ids=["lr-and-base-lr", "filled-from-tokenizer", "unknown-preset", "unknown-balance", "rate-above-1", "negative-smoothing",
+        "zero-pixels", "threshold-set-twice"])
 def test_bad_recipe_values_fail_naming_the_key(override, named):
     with pytest.raises(ConfigError) as error:
         load_var_recipe("medvar-d16", [override])
     assert named in str(error.value)
+
+
+def test_the_cache_threshold_follows_conditioning_min_pixels():
+    assert load_var_recipe("medvar-tiny").tokens.present_min_pixels == 8
+    recipe = load_var_recipe("medvar-tiny", ["conditioning.min_pixels=3"])
+    assert recipe.tokens.present_min_pixels == 3  # the recorded recipe says how the cache was built
+    assert load_var_recipe(to_dict(recipe)) == recipe
 
 
 def test_train_all_reads_both_recipes_from_one_file(tmp_path):
