@@ -33,9 +33,9 @@ def accepted(tmp_path_factory):
 # Measured run to run (training is not bit-reproducible between runs). Session 3, CPU: brain_tumor presence
 # 0.72, 0.84, 0.94, 0.875; tumour mask Dice 0.63, 0.73, 0.82, 0.88. Session 4 added conditions that count a
 # structure from 8 pixels on and structure-balanced tokenizer draws: on the GPU (5 training seeds, 64 samples
-# per target) tumour presence 0.906-0.969 and the whole bar in 4 of 5 runs; on the CPU (6 runs) tumour presence
+# per target) tumour presence 0.906-0.969 and the whole bar in 4 of 5 runs; on the CPU (7 runs) tumour presence
 # 0.84-0.97, tumour mask Dice 0.25-0.88, in one run liver 0.78 and prostate 0.75 presence, in another (a
-# clean-clone CI run) prostate mask Dice 0.50: the whole bar in 2 of 6
+# clean-clone CI run) prostate mask Dice 0.50: the whole bar in 2 of 7
 # (benchmarks/results/phantom-sweep-round4-h200.json, phantom-sweep-cpu.json). Tumour misses are samples with
 # no tumour at all, mostly of conditions drawn from the tumour's edge slices; with the tumour bit off the same
 # generator shows one in 3% of samples. So every per-target check of the bar runs and reports (XPASS / XFAIL)
