@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
+import logging
 import types
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -190,9 +192,6 @@ def changed_keys(before: Any, after: Any, prefix: str = "") -> list[str]:
 def warn_recipe_changes(stored: str | Path, current: dict[str, Any], allowed: Sequence[str] = ()) -> list[str]:
     """On resume: log a warning naming every key of ``current`` that differs from the recipe JSON a run
     stored at its start (``allowed``: prefixes that may change, e.g. ``train.max_steps``); returns the keys."""
-    import json
-    import logging
-
     path = Path(stored)
     if not path.is_file():
         return []

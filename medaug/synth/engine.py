@@ -287,4 +287,5 @@ def export_affine(domain: dict[str, Any], size: int) -> np.ndarray:
     return canonical_affine(spacing, size, domain_plane(domain), slice_thickness_mm=spacing)
 
 
-__all__ = ["DTYPES", "GeneratedBatch", "PendingBatch", "SynthGenerator", "decode_behind", "domain_plane", "export_affine", "export_intensity"]
+__all__ = ["DTYPES", "GeneratedBatch", "PendingBatch", "SynthGenerator", "decode_behind", "domain_plane",
+           "export_affine", "export_intensity"]

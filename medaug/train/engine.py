@@ -120,6 +120,11 @@ class OptimConfig:
         _require(self.grad_clip is None or self.grad_clip > 0, "grad_clip", self.grad_clip, "a positive number or null")
 
 
+RESUMABLE_TRAIN_KEYS = ("train.max_steps", "train.max_minutes", "train.device", "train.num_workers",
+                        "train.log_every", "train.checkpoint_every", "train.keep_last")
+"""Recipe keys a resumed run may change without a warning: how long and where it runs, not what it learns."""
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """One training run. ``batch_size`` is the GLOBAL batch (per rank: batch_size // world_size).
@@ -777,6 +782,7 @@ def train(task: Task, config: TrainConfig, run_dir: Path, resume: bool = False,
 
 
 __all__ = [
+    "RESUMABLE_TRAIN_KEYS",
     "OptimConfig",
     "TrainConfig",
     "Task",

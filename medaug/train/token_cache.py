@@ -14,8 +14,8 @@ A cache lives beside the run, ``RUN/token_cache/<key>/``:
 * ``cache.json``: what the key was made of, counts, L, dtype, structure and domain names.
 
 ``key`` = the first 16 hex digits of the sha256 of {tokenizer sha256 (:func:`tokenizer_sha256`), sha256
-of the prepared ``index.parquet``, image size, flip, present threshold, format version}: a new tokenizer or new data gives
-a new folder (rebuilt), the same ones reuse it. A cache is written under a temporary name and renamed
+of the prepared ``index.parquet``, image size, flip, present threshold, format version}: a new tokenizer or
+new data gives a new folder (rebuilt), the same ones reuse it. A cache is written under a temporary name and renamed
 when complete. Under torchrun every rank encodes a contiguous chunk of the rows and rank 0 merges them;
 the result does not depend on the number of processes (rows are ordered by (flipped, position)). The
 run folder must then be on a file system that every node sees.

@@ -483,9 +483,6 @@ def _gather_rows(features_BCHW: torch.Tensor) -> torch.Tensor:
 
 
 RECIPE_FILE = "tokenizer_recipe.json"
-RESUMABLE_KEYS = ("train.max_steps", "train.max_minutes", "train.device", "train.num_workers", "train.log_every",
-                  "train.checkpoint_every", "train.keep_last")
-"""Recipe keys a resumed run may change without a warning (how long and where it runs, not what it learns)."""
 METRICS_FILE = "metrics.json"
 
 
@@ -523,11 +520,11 @@ def train_then_evaluate(task: Any, config: Any, recipe_record: dict[str, Any], r
     into ``out/metrics.json``. Returns {run_dir, step, stopped_by, checkpoint, train_metrics, evaluation}."""
     from medaug.train.checkpoint import latest_checkpoint
     from medaug.train.distributed import is_rank0, on_rank0
-    from medaug.train.engine import train
+    from medaug.train.engine import RESUMABLE_TRAIN_KEYS, train
 
     fresh = latest_checkpoint(out) is None
     if resume and not fresh:  # a changed default or override alters what the rest of the run learns: say so
-        on_rank0(warn_recipe_changes, recipe_path, recipe_record, RESUMABLE_KEYS)
+        on_rank0(warn_recipe_changes, recipe_path, recipe_record, RESUMABLE_TRAIN_KEYS)
     if resume or fresh:  # else the engine refuses the folder; keep its recipe
         on_rank0(write_json, recipe_path, recipe_record)
     result = train(task, config, out, resume=resume, progress=progress)

@@ -59,7 +59,7 @@ from medaug.models.var import PRESET_NAMES, VAR, AttnImpl, VARConfig, var_preset
 from medaug.models.vqvae import VQVAE
 from medaug.train import distributed as dist_utils
 from medaug.train.condition_bank import ConditionBank, build_condition_bank
-from medaug.train.engine import TrainConfig
+from medaug.train.engine import RESUMABLE_TRAIN_KEYS, TrainConfig
 from medaug.train.token_cache import CACHE_DIR, TokenCache, TokenCacheConfig, TokenDataset, prepare_token_cache, tokenizer_sha256
 from medaug.config.overrides import apply_overrides
 from medaug.train.checkpoint import write_json
@@ -69,9 +69,6 @@ log = logging.getLogger(__name__)
 
 TOKENIZER_DIR = "tokenizer"
 RECIPE_FILE = "var_recipe.json"
-RESUMABLE_KEYS = ("train.max_steps", "train.max_minutes", "train.device", "train.num_workers", "train.log_every",
-                  "train.checkpoint_every", "train.keep_last", "samples")
-"""Recipe keys a resumed run may change without a warning (how long and where it runs, not what it learns)."""
 METRICS_FILE = "metrics.json"
 SAMPLES_PNG = "samples.png"
 SAMPLES_JSON = "samples.json"
@@ -663,7 +660,8 @@ def train_var(
     info = dist_utils.setup(recipe.train.device)
     try:
         if not fresh:  # e.g. a new default since the run started rebuilds its token cache: say so
-            dist_utils.on_rank0(warn_recipe_changes, out / RECIPE_FILE, to_dict(recipe), RESUMABLE_KEYS)
+            dist_utils.on_rank0(warn_recipe_changes, out / RECIPE_FILE, to_dict(recipe),
+                                (*RESUMABLE_TRAIN_KEYS, "samples"))
         task = build_var_task(data, tokenizer, recipe, out, info.device)
         dist_utils.on_rank0(write_json, out / RECIPE_FILE, to_dict(recipe))
         result = train(task, recipe.train, out, resume=resume, progress=progress)
