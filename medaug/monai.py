@@ -569,13 +569,15 @@ class GeneratorDataset(torch.utils.data.IterableDataset):
         device, dtype: where and how to generate (``cpu``, ``cuda``...; ``float32``/``bfloat16``).
         channels, classes, transform: as :class:`SliceDataset`.
         rank, world_size: override the process group's (None: read it when iterating).
+        redraws: as ``medaug synthesize --redraws``: a sample whose mask misses its target is drawn again.
     """
 
     def __init__(self, checkpoint: str | Path, structures: str | Sequence[str] | None = None, n: int = 1024,
                  domains: str | Sequence[str] | None = None, balance: str = "structure", seed: int = 0,
                  batch_size: int = 16, sampling: Any = None, device: str | torch.device = "cpu",
                  dtype: str | None = None, channels: ChannelMode = "domain", classes: Sequence[str] | None = None,
-                 transform: Transform | None = None, rank: int | None = None, world_size: int | None = None):
+                 transform: Transform | None = None, rank: int | None = None, world_size: int | None = None,
+                 redraws: int = 2):
         from medaug.synth.plan import PlanRequest, SamplingSettings
 
         if channels not in CHANNEL_MODES:
@@ -583,7 +585,7 @@ class GeneratorDataset(torch.utils.data.IterableDataset):
         targets = (structures,) if isinstance(structures, str) else tuple(structures or ())
         domain_list = (domains,) if isinstance(domains, str) else tuple(domains or ())
         self.request = PlanRequest(n=n, targets=targets, domains=domain_list, balance=balance, seed=seed,
-                                   batch_size=batch_size, sampling=sampling or SamplingSettings())
+                                   batch_size=batch_size, sampling=sampling or SamplingSettings(), redraws=redraws)
         self.checkpoint, self.device, self.dtype = Path(checkpoint), torch.device(device), dtype
         self.channels, self.transform, self.rank, self.world_size = channels, transform, rank, world_size
         self.labels = None if classes is None else class_labels(classes)
@@ -610,13 +612,15 @@ class GeneratorDataset(torch.utils.data.IterableDataset):
 
     def __iter__(self):
         from medaug.synth.plan import make_plan
+        from medaug.synth.run import redraw_missing
 
         shard, shards = _worker_shard(self.rank, self.world_size)
         generator = self.generator()
         plan = make_plan(self.request, generator.bank, generator.domain_names)
         for batch_index in range(shard, plan.num_batches, shards):
-            samples = plan.batch(batch_index)
-            batch = generator.generate(samples, self.request.sampling)
+            batch = generator.generate(plan.batch(batch_index), self.request.sampling)
+            samples, _ = redraw_missing(generator, plan.batch(batch_index), batch, self.request.sampling,
+                                        self.request.redraws)
             for position, sample in enumerate(samples):
                 item = self._item(generator, plan, sample, batch, position)
                 yield item if self.transform is None else apply_transform(self.transform, item)

@@ -24,6 +24,7 @@ def synthesize(
     top_p: float = typer.Option(0.96, "--top-p", help="Keep the smallest set of tokens with this probability mass (1 = all)."),
     temperature: float = typer.Option(1.0, "--temperature", help="Softmax temperature (> 0)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the plan; each sample's own seed derives from it."),
+    redraws: int = typer.Option(2, "--redraws", min=0, help="Draw a sample again (new seed) when its mask misses its --organ, at most this often (0: keep first draws; the manifest records draws)."),
     unconditional: bool = typer.Option(False, "--unconditional", help="Use the null condition (no domain, no structures)."),
     formats: str = typer.Option("png", "--format", "-f", help="Comma list of png, nifti, nnunet, dicom."),
     window: Optional[str] = typer.Option(None, "--window", help="8-bit PNGs windowed as CENTRE,WIDTH in HU/a.u. (default: 16-bit PNGs)."),
@@ -56,7 +57,7 @@ def synthesize(
     logging.getLogger("medaug.synth.run").setLevel(logging.ERROR)  # its warnings are rendered from the summary
     try:
         request = PlanRequest(n=n, targets=tuple(organ or ()), domains=tuple(domain or ()), balance=balance, seed=seed,
-                              unconditional=unconditional, batch_size=batch_size,
+                              unconditional=unconditional, batch_size=batch_size, redraws=redraws,
                               sampling=SamplingSettings(cfg=cfg, top_k=top_k, top_p=top_p, temperature=temperature))
         export = _export_settings(formats, window, nifti_gz, dicom_sop, nnunet_id, workers)
         if out is None and not dry_run:
@@ -137,9 +138,9 @@ def render_summary(summary: dict[str, Any], json_output: bool, result: Any) -> N
                         ["domain", "samples"], [[d, c] for d, c in counts["domain"].items()]))
     targets = summary.get("adherence", {}).get("targets", {})
     rows = [[t, c, plan["targets"].get(t, []) and ", ".join(plan["targets"][t]) or "-",
-             _fraction(targets.get(t))] for t, c in counts["target"].items()]
-    console.print(table("Targets (adherence: share of samples whose mask shows the target)",
-                        ["target", "samples", "structures", "adherence"], rows))
+             _fraction(targets.get(t)), _fraction(targets.get(t), "first_draw")] for t, c in counts["target"].items()]
+    console.print(table("Targets (adherence: share of samples whose mask shows the target; first draw: before redraws)",
+                        ["target", "samples", "structures", "adherence", "first draw"], rows))
     if summary.get("dry_run"):
         return
     structures = summary.get("adherence", {}).get("structures", {})
@@ -153,5 +154,5 @@ def render_summary(summary: dict[str, Any], json_output: bool, result: Any) -> N
         console.print(f"montage: {summary['montage']}", soft_wrap=True, highlight=False)
 
 
-def _fraction(record: dict[str, Any] | None) -> str:
-    return "-" if not record else f"{100 * record['fraction']:.0f}%"
+def _fraction(record: dict[str, Any] | None, key: str = "fraction") -> str:
+    return "-" if not record or record.get(key) is None else f"{100 * record[key]:.0f}%"

@@ -56,22 +56,30 @@ THRESHOLDS = Thresholds()
 
 
 def presence(synthetic: Path, min_pixels: int) -> dict[str, dict[str, Any]]:
-    """Per target of the synthetic folder: {samples, fraction} of samples whose mask holds >= ``min_pixels``
-    pixels of the target or any structure below it in the vocabulary."""
+    """Per target of the synthetic folder: {samples, fraction, first_draw} of samples whose mask holds
+    >= ``min_pixels`` pixels of the target or any structure below it in the vocabulary; ``first_draw`` counts
+    only samples kept at their first draw (``medaug synthesize --redraws`` draws a missing target again), so
+    it is the generator's own rate."""
     from medaug import vocab
     from medaug.data.dataset import PreparedSliceDataset
     from medaug.synth.run import read_manifest
 
-    targets = read_manifest(synthetic).column("target").to_pylist()
+    manifest = read_manifest(synthetic)
+    targets = manifest.column("target").to_pylist()
+    draws = manifest.column("draws").to_pylist() if "draws" in manifest.column_names else [1] * len(targets)
     dataset = PreparedSliceDataset(synthetic)
     shown: dict[str, list[bool]] = {}
+    first: dict[str, list[bool]] = {}
     for position, target in enumerate(targets):
         if target is None:
             continue
         ids = [vocab.structure(name).id for name in vocab.resolve(target)]
         label_HW = np.asarray(dataset[position]["label"])
-        shown.setdefault(target, []).append(int(np.isin(label_HW, ids).sum()) >= min_pixels)
-    return {target: {"samples": len(flags), "fraction": float(np.mean(flags))} for target, flags in shown.items()}
+        flag = int(np.isin(label_HW, ids).sum()) >= min_pixels
+        shown.setdefault(target, []).append(flag)
+        first.setdefault(target, []).append(flag and draws[position] == 1)
+    return {target: {"samples": len(flags), "fraction": float(np.mean(flags)), "first_draw": float(np.mean(first[target]))}
+            for target, flags in shown.items()}
 
 
 def mask_agreement(real: Path, synthetic: Path, targets: Sequence[str], *, unet_steps: int, device: str,

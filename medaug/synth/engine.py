@@ -101,6 +101,12 @@ class SynthGenerator:
         return self.fast and self.device.type == "cuda"
 
     @property
+    def shown_min_pixels(self) -> int:
+        """Pixels from which a generated mask shows a structure: the generator's ``conditioning.min_pixels``
+        (a structure counted as present in its training conditions from there on; 1 for older runs)."""
+        return int(((self.meta.get("recipe") or {}).get("conditioning") or {}).get("min_pixels", 1))
+
+    @property
     def run_dir(self) -> Path:
         """The run folder (the checkpoint's grandparent: ``RUN/checkpoints/step_N``)."""
         return self.checkpoint.parents[1]

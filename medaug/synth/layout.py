@@ -40,7 +40,7 @@ target_structures       list<string>        the model's structures the target re
 condition_present       list<string>        the condition's present set (drawn from real train rows)
 condition_annotated     list<string>        the condition's annotated set
 unconditional           bool                the null condition was used
-seed                    int64               the sample's own sampler seed
+seed                    int64               the sampler seed of the kept draw (the plan's seed when ``draws`` is 1)
 cfg                     double              guidance at the last scale (ramped over scales)
 top_k                   int32               0 = all tokens
 top_p                   double              1 = all tokens
@@ -52,7 +52,10 @@ dtype                   string              ``float32`` or ``bfloat16`` (autocas
 device                  string              e.g. ``cpu`` or ``cuda (NVIDIA H200)``
 generator_sha256        string              content hash of the generator checkpoint's weights
 created_at              string              ISO 8601 UTC time the batch was written
-adherent                bool (nullable)     the generated mask contains a target structure; null with no target
+adherent                bool (nullable)     the mask shows the target: its structures cover >= the generator's
+                                            ``conditioning.min_pixels`` pixels; null with no target
+draws                   int16               1 + how often the sample was drawn again because its mask missed
+                                            its target (``--redraws``); the seed is ``plan.draw_seed(plan seed, draws)``
 ======================  ==================  ==========================================================
 
 Regenerating a row: load the generator, sample ``[condition]`` with ``seed``, ``cfg``, ``top_k``, ``top_p``,
@@ -98,6 +101,7 @@ MANIFEST_COLUMNS: tuple[tuple[str, pa.DataType, bool], ...] = (
     ("generator_sha256", pa.string(), False),
     ("created_at", pa.string(), False),
     ("adherent", pa.bool_(), True),
+    ("draws", pa.int16(), False),
 )
 
 

@@ -18,6 +18,13 @@ Balance:
 ``--unconditional`` samples use the null condition; since it carries no domain, the plan still spreads them
 evenly over domains, and that domain only picks the export layout (channels, spacing, intensity units).
 
+Redraws: a sample whose generated mask does not show its target (on at least the generator's
+``conditioning.min_pixels`` pixels, the rule that made the target "present" in its training conditions) is
+drawn again with a new seed (:func:`draw_seed`), up to ``redraws`` times (default 2, as a user asking for
+prostate slices wants each one to hold a prostate; MONAI's MAISI likewise regenerates samples that fail its
+checks). The manifest records each sample's ``draws`` and the seed of the kept draw; the run's adherence
+reports the first-draw rate beside the delivered one, so the generator's own rate stays visible.
+
 Determinism: the plan depends only on the request and the bank. After drawing, samples are put in a
 random order (seeded), so that every batch, and the finished part of an interrupted run, mixes all targets.
 Sample ``i``'s sampler seed is :func:`sample_seed` ``(seed, i)``: independent of the batch size and of the
@@ -42,6 +49,7 @@ from medaug.train.condition_bank import Condition, ConditionBank
 Balance = Literal["structure", "domain", "none"]
 BALANCES: tuple[str, ...] = ("structure", "domain", "none")
 POOR_RECONSTRUCTION_DICE = 0.5  # below this tokenizer reconstruction Dice a target draws a warning
+MAX_REDRAWS = 10
 
 
 @dataclass(frozen=True)
@@ -76,8 +84,11 @@ class PlanRequest:
     unconditional: bool = False
     batch_size: int = 16
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
+    redraws: int = 2
 
     def __post_init__(self) -> None:
+        if not 0 <= self.redraws <= MAX_REDRAWS:
+            raise ConfigError("--redraws", f"is {self.redraws}; expected 0..{MAX_REDRAWS} (0: keep every first draw)")
         if self.n < 1:
             raise ConfigError("--n", f"is {self.n}; expected at least 1 sample")
         if self.batch_size < 1:
@@ -151,6 +162,15 @@ class Plan:
 def sample_seed(seed: int, index: int) -> int:
     """Sample ``index``'s sampler seed: 63 bits of sha256 of (``seed``, ``index``)."""
     digest = hashlib.sha256(f"medaug-sample:{seed}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+def draw_seed(first: int, draw: int) -> int:
+    """The sampler seed of a sample's ``draw``-th draw (1 = the first, whose seed is ``first``, the plan's seed;
+    later draws replace a sample whose mask missed its target, see :mod:`medaug.synth.run`)."""
+    if draw == 1:
+        return first
+    digest = hashlib.sha256(f"medaug-redraw:{first}:{draw}".encode()).digest()
     return int.from_bytes(digest[:8], "big") >> 1
 
 
@@ -306,16 +326,18 @@ def plan_summary(plan: Plan) -> dict[str, Any]:
     return {"n": request.n, "targets": {t: list(s) for t, s in plan.targets.items()},
             "domains": list(request.domains), "balance": request.balance, "seed": request.seed,
             "unconditional": request.unconditional, "batch_size": request.batch_size,
-            "batches": plan.num_batches, "counts": plan.counts(), "warnings": list(plan.warnings)}
+            "redraws": request.redraws, "batches": plan.num_batches, "counts": plan.counts(), "warnings": list(plan.warnings)}
 
 
 __all__ = [
     "BALANCES",
+    "MAX_REDRAWS",
     "Plan",
     "PlanRequest",
     "PlannedSample",
     "SamplingSettings",
     "check_domains",
+    "draw_seed",
     "make_plan",
     "plan_summary",
     "quality_warnings",

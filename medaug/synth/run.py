@@ -9,7 +9,8 @@ The folder it writes is described in :mod:`medaug.synth.layout`. The steps:
    ``resume``; a resumed run must have the same plan, sampler settings, generator weights and formats (else a
    one-line error names what differs) and keeps its ``run_uid``; a complete run is left as it is.
 3. Every rank takes the batches ``b ≡ rank (mod world_size)``, skips those whose parts file exists, and for
-   the others generates, exports every format (each file atomically; files that exist are kept), then writes
+   the others generates, draws again the samples whose masks miss their target (``redraws``,
+   :func:`redraw_missing`), exports every format (each file atomically; files that exist are kept), then writes
    the batch's shards and, last, its parts file. A kill at any point loses at most the batches in flight, and
    ``--resume`` redoes exactly those: no duplicates, no gaps.
 4. After a barrier, rank 0 assembles ``manifest.parquet`` (sorted by ``sample_index``), the montage and the
@@ -24,7 +25,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,7 @@ from medaug.synth.engine import GeneratedBatch, SynthGenerator, domain_plane, ex
 from medaug.synth.export.base import ExportSlice
 from medaug.synth.export.nifti import NiftiOptions
 from medaug.synth.export.png import PngOptions
-from medaug.synth.plan import Plan, PlannedSample, PlanRequest, make_plan, plan_summary
+from medaug.synth.plan import Plan, PlannedSample, PlanRequest, draw_seed, make_plan, plan_summary
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ NNUNET_DIR = "nnunet"
 STATUS_RUNNING, STATUS_COMPLETE = "running", "complete"
 BODY_THRESHOLD = -0.9  # model space: a pixel with any channel above this counts as body (background is -1)
 # Settings a resumed run must share with the run it finishes.
-RESUME_KEYS = ("plan_sha256", "sampling", "generator_sha256", "formats", "dtype", "batch_size")
+RESUME_KEYS = ("plan_sha256", "sampling", "generator_sha256", "formats", "dtype", "batch_size", "redraws")
 
 Progress = Callable[[int, int, float], None]  # (samples done, samples planned, images per second)
 
@@ -155,7 +156,7 @@ def _run(generator: SynthGenerator, plan: Plan, out: Path, export: ExportSetting
 def _settings_record(generator: SynthGenerator, plan: Plan, export: ExportSettings) -> dict[str, Any]:
     return {"plan_sha256": plan_sha256(plan), "sampling": to_dict(plan.request.sampling),
             "generator_sha256": generator.sha256, "formats": sorted(export.formats), "dtype": generator.dtype,
-            "batch_size": plan.request.batch_size}
+            "batch_size": plan.request.batch_size, "redraws": plan.request.redraws}
 
 
 def claim_folder(out: Path, record: dict[str, Any], plan: Plan, generator: SynthGenerator, resume: bool) -> dict[str, Any]:
@@ -253,6 +254,7 @@ def generate_batches(generator: SynthGenerator, plan: Plan, out: Path, export: E
                 queued = submit(pending[position + 1]) if ahead else None
                 tick = clock()
                 batch = waiting.result()
+                samples, draws = redraw_missing(generator, samples, batch, plan.request.sampling, plan.request.redraws)
                 for row, sample in enumerate(samples):  # past a domain's channels the shard holds zeros, as prepare's
                     batch.image_BCHW[row, len(generator.domains[sample.domain]["channels"]):] = 0.0
                 result.stage_seconds["generate"] += clock() - tick
@@ -260,7 +262,7 @@ def generate_batches(generator: SynthGenerator, plan: Plan, out: Path, export: E
                     saving, in_flight = in_flight, None
                     finish(*saving)
                 in_flight = (saver.submit(save_batch, generator, plan, samples, batch, batch_index,
-                                          layout.batch_id(run_uid, batch_index), exporters, writer), len(samples))
+                                          layout.batch_id(run_uid, batch_index), exporters, writer, draws), len(samples))
         finally:  # the last save, or the one running when generation failed: its own error is raised too
             if in_flight is not None:
                 finish(*in_flight)
@@ -268,13 +270,48 @@ def generate_batches(generator: SynthGenerator, plan: Plan, out: Path, export: E
     return result
 
 
+def shows_target(sample: PlannedSample, present: Sequence[str], pixels: Sequence[int], min_pixels: int) -> bool | None:
+    """Whether a generated mask (its ``present`` names and their ``pixels``) shows ``sample``'s target: the
+    target's structures cover at least ``min_pixels`` pixels together. None for a sample without a target."""
+    if sample.target is None:
+        return None
+    wanted = set(sample.target_structures)
+    return sum(count for name, count in zip(present, pixels) if name in wanted) >= min_pixels
+
+
+def redraw_missing(generator: SynthGenerator, samples: Sequence[PlannedSample], batch: GeneratedBatch,
+                   settings: Any, redraws: int) -> tuple[list[PlannedSample], list[int]]:
+    """Draw again the samples of ``batch`` whose masks miss their targets (:func:`shows_target` with the
+    generator's ``shown_min_pixels``), at most ``redraws`` times each, with seeds :func:`~medaug.synth.plan.draw_seed`;
+    each new draw replaces its row of ``batch`` in place (image, label, present, pixels). Draw d of a batch
+    samples together the rows that missed in draw d - 1, in batch order (what :func:`regenerate` repeats).
+    Returns the samples with the kept draws' seeds and each sample's number of draws (1 = the first kept)."""
+    kept, draws = list(samples), [1] * len(samples)
+    min_pixels = generator.shown_min_pixels
+    for draw in range(2, redraws + 2):
+        missing = [row for row, sample in enumerate(samples)
+                   if shows_target(sample, batch.present[row], batch.pixels[row], min_pixels) is False]
+        if not missing:
+            break
+        again = [replace(samples[row], seed=draw_seed(samples[row].seed, draw)) for row in missing]
+        fresh = generator.generate(again, settings)
+        for j, row in enumerate(missing):
+            batch.image_BCHW[row], batch.label_BHW[row] = fresh.image_BCHW[j], fresh.label_BHW[j]
+            batch.present[row], batch.pixels[row] = fresh.present[j], fresh.pixels[j]
+            kept[row], draws[row] = again[j], draw
+    return kept, draws
+
+
 def save_batch(generator: SynthGenerator, plan: Plan, samples: Sequence[PlannedSample], batch: GeneratedBatch,
-               batch_index: int, bid: str, exporters: _Exporters, writer: ShardWriter) -> dict[str, float]:
-    """Export one generated batch, then write its shards and (last) its parts file; seconds per stage."""
+               batch_index: int, bid: str, exporters: _Exporters, writer: ShardWriter,
+               draws: Sequence[int] | None = None) -> dict[str, float]:
+    """Export one generated batch, then write its shards and (last) its parts file; seconds per stage.
+    ``draws``: each sample's number of draws (:func:`redraw_missing`; None: one each)."""
     tick = time.perf_counter()
     slices = [export_slice(generator, sample, batch, position, bid) for position, sample in enumerate(samples)]
     exporters.write(slices)
-    rows, tock = manifest_rows(generator, plan, samples, batch, batch_index, bid), time.perf_counter()
+    draws = draws if draws is not None else [1] * len(samples)
+    rows, tock = manifest_rows(generator, plan, samples, batch, batch_index, bid, draws), time.perf_counter()
     writer.write_volume(bid, batch.image_BCHW, batch.label_BHW, rows, extra_types=_EXTRA_TYPES)
     return {"export": tock - tick, "record": time.perf_counter() - tock}
 
@@ -349,8 +386,8 @@ def export_slice(generator: SynthGenerator, sample: PlannedSample, batch: Genera
 
 
 def manifest_rows(generator: SynthGenerator, plan: Plan, samples: Sequence[PlannedSample], batch: GeneratedBatch,
-                  batch_index: int, bid: str) -> list[dict[str, Any]]:
-    """The index + synthesis columns of a batch (``medaug.synth.layout``)."""
+                  batch_index: int, bid: str, draws: Sequence[int]) -> list[dict[str, Any]]:
+    """The index + synthesis columns of a batch (``medaug.synth.layout``); ``draws`` per sample."""
     created = _now()
     rows = []
     for position, sample in enumerate(samples):
@@ -368,15 +405,16 @@ def manifest_rows(generator: SynthGenerator, plan: Plan, samples: Sequence[Plann
             "body_fraction": float((image_CHW > BODY_THRESHOLD).any(axis=0).mean()),
             "structures_annotated": plan.names(sample.annotated) if not sample.unconditional else list(generator.table.names),
             "structures_present": present, "structure_pixels": batch.pixels[position], "fingerprint": None,
-            "synthetic": True, **_synthesis_columns(generator, plan, sample, present, batch_index, position, created),
+            "synthetic": True, **_synthesis_columns(generator, plan, sample, batch, batch_index, position, created),
+            "draws": draws[position],
         })
     return rows
 
 
-def _synthesis_columns(generator: SynthGenerator, plan: Plan, sample: PlannedSample, present: Sequence[str],
+def _synthesis_columns(generator: SynthGenerator, plan: Plan, sample: PlannedSample, batch: GeneratedBatch,
                        batch_index: int, position: int, created: str) -> dict[str, Any]:
     settings = plan.request.sampling
-    adherent = bool(set(sample.target_structures) & set(present)) if sample.target else None
+    adherent = shows_target(sample, batch.present[position], batch.pixels[position], generator.shown_min_pixels)
     return {"sample_index": sample.index, "sample_id": layout.sample_id(sample.index), "target": sample.target,
             "target_structures": list(sample.target_structures), "condition_present": plan.names(sample.present),
             "condition_annotated": plan.names(sample.annotated), "unconditional": sample.unconditional,
@@ -414,19 +452,21 @@ def finalize(out: Path, plan: Plan, generator: SynthGenerator, export: ExportSet
 
 def adherence(table: pa.Table) -> dict[str, Any]:
     """Condition adherence (module docstring of ``medaug.synth``): per target, the fraction of its samples whose
-    mask contains one of its structures; per structure, the fraction of samples whose condition has it present
-    that show it in the mask."""
-    rows = table.select(["target", "adherent", "condition_present", "structures_present"]).to_pylist()
+    mask shows it (``adherent``), and ``first_draw``, the fraction whose first draw did (before redraws); per
+    structure, the fraction of samples whose condition has it present that show it in the mask."""
+    rows = table.select(["target", "adherent", "draws", "condition_present", "structures_present"]).to_pylist()
     targets: dict[str, list[bool]] = {}
+    first: dict[str, list[bool]] = {}
     structures: dict[str, list[bool]] = {}
     for row in rows:
         if row["target"] is not None:
             targets.setdefault(row["target"], []).append(bool(row["adherent"]))
+            first.setdefault(row["target"], []).append(bool(row["adherent"]) and row["draws"] == 1)
         shown = set(row["structures_present"])
         for name in row["condition_present"]:
             structures.setdefault(name, []).append(name in shown)
     summarize = lambda flags: {"samples": len(flags), "fraction": round(float(np.mean(flags)), 4)}  # noqa: E731
-    return {"targets": {t: summarize(f) for t, f in targets.items()},
+    return {"targets": {t: {**summarize(f), "first_draw": summarize(first[t])["fraction"]} for t, f in targets.items()},
             "structures": {s: summarize(f) for s, f in sorted(structures.items())}}
 
 
@@ -454,9 +494,13 @@ def regenerate(out: str | Path, sample_index: int, device: str = "cpu") -> tuple
     """Regenerate manifest row ``sample_index`` of the synthetic folder ``out`` from its recorded settings:
     (image (C_max, H, W) float32 model space, label (H, W) uint8 vocabulary ids).
 
-    The row's whole batch is sampled again (same rows, order, seeds, guidance, filters, dtype), so on the
-    machine and software that made it the result equals the stored sample exactly (engine module docstring).
+    The batch that made the row is sampled again (same rows, order, seeds, guidance, filters, dtype): for a
+    row kept at draw d (``draws``), the rows of its plan batch that were drawn a d-th time, i.e. those with
+    ``draws >= d``, with their d-th seeds. On the machine and software that made it the result equals the
+    stored sample exactly (engine module docstring).
     """
+    import pyarrow.parquet as pq
+
     from medaug.synth.plan import SamplingSettings
 
     out = Path(out)
@@ -467,6 +511,11 @@ def regenerate(out: str | Path, sample_index: int, device: str = "cpu") -> tuple
     row = manifest.slice(position, 1).to_pylist()[0]
     batch_rows = manifest.filter(pc.equal(manifest.column("batch_index"), row["batch_index"])).to_pylist()
     batch_rows.sort(key=lambda r: r["batch_position"])
+    draw = row.get("draws") or 1
+    if draw > 1:
+        plan = pq.read_table(out / layout.PLAN_FILE, columns=["sample_index", "seed"]).to_pydict()
+        first = dict(zip(plan["sample_index"], plan["seed"]))
+        batch_rows = [{**r, "seed": draw_seed(first[r["sample_index"]], draw)} for r in batch_rows if r["draws"] >= draw]
     state = json.loads((out / layout.SYNTHESIZE_JSON).read_text())
     generator = SynthGenerator(state["generator"]["checkpoint"], device, row["dtype"], state["generator"]["weights"])
     if generator.sha256 != row["generator_sha256"]:
@@ -478,7 +527,8 @@ def regenerate(out: str | Path, sample_index: int, device: str = "cpu") -> tuple
                              unconditional=r["unconditional"]) for r in batch_rows]
     settings = SamplingSettings(cfg=row["cfg"], top_k=row["top_k"], top_p=row["top_p"], temperature=row["temperature"])
     batch = generator.generate(samples, settings)
-    return batch.image_BCHW[row["batch_position"]], batch.label_BHW[row["batch_position"]]
+    position = [r["sample_index"] for r in batch_rows].index(sample_index)
+    return batch.image_BCHW[position], batch.label_BHW[position]
 
 
 def send_run(out: str | Path, destination: str, called_aet: str, calling_aet: str = "MEDAUG", retries: int = 2) -> Any:

@@ -67,7 +67,7 @@ def _manifest_columns(count: int, frame, generator_sha256: str) -> dict[str, pa.
         "top_p": [0.96] * count, "temperature": [1.0] * count, "batch_index": [0] * count,
         "batch_size": [count] * count, "batch_position": list(range(count)), "dtype": ["float32"] * count,
         "device": ["cpu"] * count, "generator_sha256": [generator_sha256] * count, "created_at": [now] * count,
-        "adherent": [None] * count,
+        "adherent": [None] * count, "draws": [1] * count,
     }
     return {name: pa.array(values[name], type=dtype) for name, dtype, _ in MANIFEST_COLUMNS}
 

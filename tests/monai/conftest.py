@@ -87,7 +87,7 @@ def _synthetic_row(row: dict, out: Path, volume_id: str, batch_index: int, batch
         "unconditional": False, "seed": 1000 + 7 * sample_index, "cfg": 1.5, "top_k": 900, "top_p": 0.96,
         "temperature": 1.0, "batch_index": batch_index, "batch_size": batch_size, "batch_position": position,
         "dtype": "float32", "device": "cpu", "generator_sha256": "0" * 64, "created_at": "2025-01-01T00:00:00Z",
-        "adherent": None,
+        "adherent": None, "draws": 1,
     }
 
 

@@ -12,7 +12,8 @@ from monai.transforms import Compose, RandAffined, RandGaussianNoised
 from medaug.errors import ConfigError
 from medaug.monai import GeneratorDataset, check_generation_process
 from medaug.synth.engine import SynthGenerator, export_affine
-from medaug.synth.plan import PlanRequest, make_plan, sample_seed
+from medaug.synth.plan import PlanRequest, draw_seed, make_plan, sample_seed
+from medaug.synth.run import redraw_missing
 
 N, BATCH = 8, 2
 
@@ -33,6 +34,7 @@ def test_items_are_the_generators_samples_with_metadata(run_dir):
     plan = make_plan(PlanRequest(n=N, targets=("liver", "prostate"), batch_size=BATCH, seed=4), generator.bank,
                      generator.domain_names)
     expected = generator.generate(plan.batch(1), plan.request.sampling)
+    _, draws = redraw_missing(generator, plan.batch(1), expected, plan.request.sampling, plan.request.redraws)
     for position, item in enumerate(items[2:4]):
         sample = plan.samples[2 + position]
         channels = len(generator.domains[sample.domain]["channels"])
@@ -41,7 +43,7 @@ def test_items_are_the_generators_samples_with_metadata(run_dir):
         np.testing.assert_array_equal(item["image"].numpy(), expected.image_BCHW[position, :channels])
         np.testing.assert_array_equal(item["label"][0].numpy(), expected.label_BHW[position])
         meta = item["image"].meta
-        assert meta["synthetic"] and meta["seed"] == sample_seed(4, 2 + position) and meta["domain"] == sample.domain
+        assert meta["synthetic"] and meta["seed"] == draw_seed(sample_seed(4, 2 + position), draws[position]) and meta["domain"] == sample.domain
         np.testing.assert_allclose(item["image"].affine.numpy(), export_affine(generator.domains[sample.domain], 64))
         assert list(item["structures"]) == expected.present[position]
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import nibabel as nib
@@ -24,8 +25,8 @@ from medaug.data.dataset import PreparedSliceDataset
 from medaug.errors import ConfigError
 from medaug.synth import layout
 from medaug.synth.engine import SynthGenerator, export_affine
-from medaug.synth.plan import PlanRequest, SamplingSettings, make_plan, resolve_targets, sample_seed
-from medaug.synth.run import read_manifest, regenerate, synthesize
+from medaug.synth.plan import PlanRequest, SamplingSettings, draw_seed, make_plan, resolve_targets, sample_seed
+from medaug.synth.run import read_manifest, redraw_missing, regenerate, synthesize
 from medaug.train.condition_bank import build_condition_bank
 from medaug_cli.app import app
 from tests.pipeline import REPO, SYNTH_BATCH, SYNTH_N
@@ -142,18 +143,62 @@ def test_manifest_holds_every_sample_with_its_settings(tiny_synthesis):
     rows = manifest.to_pylist()
     assert all(r["synthetic"] and r["split"] is None for r in rows)
     assert {r["target"]: 0 for r in rows} and sum(r["target"] == "liver" for r in rows) == SYNTH_N // 2
+    min_pixels = SynthGenerator(tiny_synthesis["run"], "cpu").shown_min_pixels
     for r in rows:
-        assert r["seed"] == sample_seed(request.seed, r["sample_index"])
+        assert 1 <= r["draws"] <= 1 + request.redraws
+        assert r["seed"] == draw_seed(sample_seed(request.seed, r["sample_index"]), r["draws"])
         assert (r["cfg"], r["top_k"], r["top_p"], r["temperature"]) == (1.5, 900, 0.96, 1.0)
         assert (r["batch_index"], r["batch_position"], r["batch_size"]) == (r["sample_index"] // SYNTH_BATCH,
                                                                              r["sample_index"] % SYNTH_BATCH, SYNTH_BATCH)
         assert r["dtype"] == "float32" and r["device"] == "cpu" and len(r["generator_sha256"]) == 64
-        assert r["adherent"] == bool(set(r["target_structures"]) & set(r["structures_present"]))
+        shown = sum(count for name, count in zip(r["structures_present"], r["structure_pixels"])
+                    if name in r["target_structures"])
+        assert r["adherent"] == (shown >= min_pixels)
+        assert r["adherent"] or r["draws"] == 1 + request.redraws  # a miss is kept only when out of redraws
     state = json.loads((out / layout.SYNTHESIZE_JSON).read_text())
     assert state["status"] == "complete" and state["samples"] == SYNTH_N
     for target, record in state["adherence"]["targets"].items():
         flags = [r["adherent"] for r in rows if r["target"] == target]
-        assert record == {"samples": len(flags), "fraction": round(float(np.mean(flags)), 4)}
+        first = [r["adherent"] and r["draws"] == 1 for r in rows if r["target"] == target]
+        assert record == {"samples": len(flags), "fraction": round(float(np.mean(flags)), 4),
+                          "first_draw": round(float(np.mean(first)), 4)}
+
+
+def _target_pixels(label_HW, structures) -> int:
+    return int(np.isin(label_HW, [vocab.structure(name).id for name in structures]).sum())
+
+
+def test_samples_whose_masks_miss_their_target_are_drawn_again(generator, monkeypatch):
+    """redraw_missing against draws made one by one: which rows miss (pixel counts of their own labels), and
+    that each replaced row equals its sample generated alone with the next draw's seed."""
+    # the body: the tiny generator draws it on 650-750 pixels (not yet the organs), so a threshold at the median splits
+    plan = make_plan(PlanRequest(n=8, targets=("body",), seed=5), generator.bank, generator.domain_names)
+    settings = SamplingSettings()
+    batch = generator.generate(plan.samples, settings)
+    first_pixels = [_target_pixels(batch.label_BHW[i], s.target_structures) for i, s in enumerate(plan.samples)]
+    threshold = int(np.median(first_pixels)) + 1  # about half the first draws miss
+    monkeypatch.setattr(SynthGenerator, "shown_min_pixels", property(lambda self: threshold))
+    kept, draws = redraw_missing(generator, plan.samples, batch, settings, redraws=2)
+    assert [d > 1 for d in draws] == [p < threshold for p in first_pixels]
+    assert any(d > 1 for d in draws) and any(d == 1 for d in draws)
+    for row, (sample, draw) in enumerate(zip(plan.samples, draws)):
+        assert kept[row].seed == draw_seed(sample.seed, draw)
+        pixels = _target_pixels(batch.label_BHW[row], sample.target_structures)
+        assert pixels >= threshold or draw == 3
+        for earlier in range(2, draw):  # every draw before the kept one missed too
+            alone = generator.generate([replace(sample, seed=draw_seed(sample.seed, earlier))], settings)
+            assert _target_pixels(alone.label_BHW[0], sample.target_structures) < threshold
+        if draw > 1:
+            alone = generator.generate([kept[row]], settings)
+            np.testing.assert_array_equal(alone.label_BHW[0], batch.label_BHW[row])
+            assert batch.present[row] == alone.present[0] and batch.pixels[row] == alone.pixels[0]
+
+
+def test_redraws_must_be_a_small_count():
+    with pytest.raises(ConfigError, match="--redraws"):
+        PlanRequest(n=1, redraws=-1)
+    with pytest.raises(ConfigError, match="--redraws"):
+        PlanRequest(n=1, redraws=11)
 
 
 def test_structures_present_match_the_stored_masks(tiny_synthesis):
@@ -170,7 +215,8 @@ def test_structures_present_match_the_stored_masks(tiny_synthesis):
 def test_regenerating_a_row_reproduces_it_exactly(tiny_synthesis):
     out = tiny_synthesis["out"]
     dataset = PreparedSliceDataset(out)
-    for sample_index in (3, 13):
+    redrawn = [r["sample_index"] for r in read_manifest(out).to_pylist() if r["draws"] > 1]
+    for sample_index in (3, 13, *redrawn[:2]):  # a redrawn row: its batch is the rows drawn that often
         image, label = regenerate(out, sample_index)
         item = dataset[sample_index]
         channels = int(item["channel_mask"].sum())
@@ -388,7 +434,7 @@ def test_batches_are_queued_one_ahead_when_the_device_runs_behind_the_host(tiny_
         return save
 
     original = run_module.save_batch
-    request = PlanRequest(n=7, targets=("liver", "prostate"), batch_size=2, seed=4)
+    request = PlanRequest(n=7, targets=("liver", "prostate"), batch_size=2, seed=4, redraws=0)  # the order of batches only
     queueing = _QueueingGenerator(tiny_var_run["run_dir"], "cpu", fast=True)
     plain = SynthGenerator(tiny_var_run["run_dir"], "cpu", fast=True)
     assert not plain.queues_on_device
