@@ -17,6 +17,7 @@
 # lr = base_lr * batch / 256; empty for a recipe that sets train.optim.var.lr, like medvar-tiny),
 # VAR_COMPILE (true: per-block torch.compile), SAMPLES_PER_DOMAIN (8), TOKENIZER_EXTRA / VAR_EXTRA (more `--set stage.key=value` overrides),
 # SYNTH_N (10000 samples of `medaug synthesize` after training, timed end to end; 0 skips it), SYNTH_BATCH (256),
+# SYNTH_REDRAWS (2, synthesize's default: samples missing their organ are drawn again; 0 for the sampler's speed alone),
 # SYNTH_FORMATS (png), SYNTH_ORGANS ("liver prostate brain"), SYNTH_WORKERS (8 export threads), EVAL_STEPS (400 steps of
 # `medaug train features`, then `medaug evaluate metrics` with that own backbone; 0 skips both), FEATURES_RECIPE
 # (features), EVAL_DEVICE (cuda when present, else cpu), DOWNSTREAM (structures for `medaug evaluate downstream`,
@@ -43,6 +44,7 @@ VAR_COMPILE=${VAR_COMPILE:-true}
 SAMPLES_PER_DOMAIN=${SAMPLES_PER_DOMAIN:-8}
 SYNTH_N=${SYNTH_N:-10000}
 SYNTH_BATCH=${SYNTH_BATCH:-256}
+SYNTH_REDRAWS=${SYNTH_REDRAWS:-2}
 SYNTH_FORMATS=${SYNTH_FORMATS:-png}
 SYNTH_ORGANS=${SYNTH_ORGANS:-liver prostate brain}
 SYNTH_WORKERS=${SYNTH_WORKERS:-8}
@@ -128,7 +130,7 @@ if [ "$SYNTH_N" -gt 0 ]; then
   organs=""
   for organ in ${SYNTH_ORGANS//,/ }; do organs="$organs --organ $organ"; done
   medaug synthesize --checkpoint "$work/gen" --out "$work/synth" -n "$SYNTH_N" $organs --format "$SYNTH_FORMATS" \
-    --batch-size "$SYNTH_BATCH" --workers "$SYNTH_WORKERS" --json > "$work/synth.json"
+    --batch-size "$SYNTH_BATCH" --redraws "$SYNTH_REDRAWS" --workers "$SYNTH_WORKERS" --json > "$work/synth.json"
   cp "$work/synth/montage.png" "$OUT/synth_montage.png" 2>/dev/null || true
 fi
 mark end_synth
