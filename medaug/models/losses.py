@@ -50,6 +50,39 @@ def masked_l1(image_rec_BCHW: torch.Tensor, image_BCHW: torch.Tensor, channel_ma
     return error_BCHW.sum() / weights_BCHW.sum().clamp(min=1.0)
 
 
+def structure_l1(image_rec_BCHW: torch.Tensor, image_BCHW: torch.Tensor, channel_mask_BC: torch.Tensor,
+                 label_BHW: torch.Tensor, classes: int) -> torch.Tensor:
+    """Mean over the batch's structure regions of each region's mean |rec - target| (present channels).
+
+    A region is the pixels of one structure (label 1..classes-1) in one row; background (0) and ignored
+    pixels (``IGNORE_LABEL``) belong to none. Every region weighs the same whatever its area, so a tumour of
+    ten pixels counts as much as the body: the whole-image L1 lets a decoder draw the mask of a small bright
+    lesion and leave the lesion out of the image, which the phantom runs showed (FLAIR inside the tumour
+    decoded at +0.1 against +0.85 real while its mask had Dice 0.9). Returns a scalar; 0 (with a graph)
+    when the batch holds no region.
+    """
+    weights_BCHW = _channel_weights(channel_mask_BC, image_BCHW)
+    error_BN = ((image_rec_BCHW - image_BCHW).abs() * weights_BCHW).sum(1).flatten(1)  # summed over channels
+    label_BN = label_BHW.flatten(1).long()
+    labelled_BN = (label_BN != IGNORE_LABEL) & (label_BN < classes)
+    index_BN = torch.where(labelled_BN, label_BN, 0)
+    sums_BK = error_BN.new_zeros(error_BN.shape[0], classes).scatter_add(1, index_BN, error_BN * labelled_BN)
+    counts_BK = error_BN.new_zeros(sums_BK.shape).scatter_add(1, index_BN, labelled_BN.to(error_BN.dtype))
+    channels_B1 = channel_mask_BC.sum(1, keepdim=True).to(error_BN.dtype)
+    region_BS = (counts_BK[:, 1:] > 0) & (channels_B1 > 0)
+    means_BS = sums_BK[:, 1:] / (counts_BK[:, 1:] * channels_B1).clamp(min=1.0)
+    return (means_BS * region_BS).sum() / region_BS.sum().clamp(min=1)
+
+
+def structure_regions(channel_mask_BC: torch.Tensor, label_BHW: torch.Tensor, classes: int) -> torch.Tensor:
+    """How many regions :func:`structure_l1` averages over (a 0-d float tensor)."""
+    label_BN = label_BHW.flatten(1).long()
+    labelled_BN = (label_BN != IGNORE_LABEL) & (label_BN > 0) & (label_BN < classes)
+    present_BK = torch.zeros(label_BN.shape[0], classes, dtype=torch.bool, device=label_BN.device)
+    present_BK.scatter_(1, torch.where(labelled_BN, label_BN, 0), labelled_BN)
+    return (present_BK[:, 1:] & channel_mask_BC.any(1, keepdim=True)).sum().float()
+
+
 def gaussian_window(size: int = 11, sigma: float = 1.5, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Normalized 1-D Gaussian (size,) centred on the middle sample."""
     offsets = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
@@ -270,6 +303,8 @@ __all__ = [
     "mask_loss",
     "masked_l1",
     "masked_ssim_loss",
+    "structure_l1",
+    "structure_regions",
     "soft_dice_loss",
     "ssim",
 ]

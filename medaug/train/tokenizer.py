@@ -71,6 +71,8 @@ from medaug.models.losses import (
     masked_l1,
     masked_ssim_loss,
     soft_dice_loss,
+    structure_l1,
+    structure_regions,
 )
 from medaug.models.vqvae import IGNORE_LABEL, VQVAE, VQVAEConfig, label_to_onehot
 from medaug.train.checkpoint import sha256_file
@@ -89,7 +91,9 @@ FILLED_FROM_DATA = {"model": ("image_channels", "num_structures"), "losses.discr
 class LossConfig:
     """Weights of the tokenizer's loss terms (0 turns a term off).
 
-    l1 / ssim: image terms over present channels. mask_ce / mask_dice: marginal cross-entropy and soft
+    l1 / ssim: image terms over present channels. structure_l1: the image L1 averaged per structure region
+    (:func:`~medaug.models.losses.structure_l1`: a small lesion weighs as much as the body, so the decoder
+    draws it in the image and not only in the mask). mask_ce / mask_dice: marginal cross-entropy and soft
     Dice over annotated structures. quant: the quantizer loss (commitment inside it weighs
     ``model.quantizer.beta``). gan: the discriminator weight (VAR's single-scale trainer: 0.4), times
     the adaptive weight (clamped at ``gan_max_adaptive_weight``) from ``gan_start_step`` on.
@@ -98,6 +102,7 @@ class LossConfig:
 
     l1: float = 1.0
     ssim: float = 0.0
+    structure_l1: float = 0.0
     mask_ce: float = 1.0
     mask_dice: float = 1.0
     quant: float = 1.0
@@ -181,7 +186,7 @@ def _refuse_data_keys(data: dict[str, Any], where: str) -> None:
 # ---------------------------------------------------------------- losses
 
 
-LOSS_TERMS = ("l1", "ssim", "ce", "dice")
+LOSS_TERMS = ("l1", "ssim", "ce", "dice", "structure_l1")
 """The reconstruction terms, in the order of :func:`loss_counts`."""
 
 
@@ -192,7 +197,7 @@ def reconstruction_loss(
     weights: LossConfig,
     factors_T: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Weighted image + mask loss of one batch: (scalar, detached terms {"l1", "ssim", "ce", "dice"}).
+    """Weighted image + mask loss of one batch: (scalar, detached terms of ``LOSS_TERMS`` that are on).
 
     ``batch``: ``image`` (B, C, H, W), ``channel_mask`` (B, C) bool, ``label`` (B, H, W) model-local,
     ``annotated`` (B, S) bool. Absent channels and unannotated structures contribute nothing. Terms with
@@ -208,6 +213,9 @@ def reconstruction_loss(
         label_BHW, annotated_BS = batch["label"], batch["annotated"]
         computed["ce"] = (weights.mask_ce, lambda: marginal_cross_entropy(logits_BKHW, label_BHW, annotated_BS))
         computed["dice"] = (weights.mask_dice, lambda: soft_dice_loss(logits_BKHW, label_BHW, annotated_BS))
+        if weights.structure_l1:
+            computed["structure_l1"] = (weights.structure_l1, lambda: structure_l1(
+                image_rec_BCHW, image_BCHW, mask_BC, label_BHW, logits_BKHW.shape[1]))
     total = image_rec_BCHW.new_zeros(())
     terms = {}
     for name, (weight, compute) in computed.items():
@@ -220,13 +228,14 @@ def reconstruction_loss(
 
 
 def loss_counts(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """(4,) float32: what each term of ``LOSS_TERMS`` averages over in this batch (present channel-pixels,
-    present channels, labelled pixels, annotated (row, structure) pairs)."""
+    """(5,) float32: what each term of ``LOSS_TERMS`` averages over in this batch (present channel-pixels,
+    present channels, labelled pixels, annotated (row, structure) pairs, structure regions)."""
     mask_BC, label_BHW = batch["channel_mask"], batch["label"]
     pixels = label_BHW.shape[-2] * label_BHW.shape[-1]
     present = mask_BC.sum()
-    counts = [present * pixels, present, (label_BHW != IGNORE_LABEL).sum(), batch["annotated"].sum()]
-    return torch.stack(counts).float()
+    regions = structure_regions(mask_BC, label_BHW, batch["annotated"].shape[1] + 1)
+    counts = [present * pixels, present, (label_BHW != IGNORE_LABEL).sum(), batch["annotated"].sum(), regions]
+    return torch.stack([torch.as_tensor(c, dtype=torch.float32, device=label_BHW.device) for c in counts])
 
 
 def global_mean_factors(counts_T: torch.Tensor) -> torch.Tensor:

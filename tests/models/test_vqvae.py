@@ -22,6 +22,8 @@ from medaug.models.losses import (
     masked_ssim_loss,
     soft_dice_loss,
     ssim,
+    structure_l1,
+    structure_regions,
 )
 from medaug.models.quant import QuantizerConfig
 from medaug.models.vqvae import VQVAE, VQVAEConfig, label_to_onehot, norm_groups
@@ -192,6 +194,28 @@ def test_masked_l1_ignores_absent_channels():
     loss.backward()
     assert bool((rec.grad[0, 1] == 0).all()) and bool((rec.grad[1, 1:] == 0).all())
     assert bool((rec.grad[0, 0] != 0).any())
+
+
+def test_structure_l1_weighs_every_structure_region_of_every_row_the_same():
+    """Against the mean over (row, structure) regions of each region's mean error, written out with loops."""
+    generator = torch.Generator().manual_seed(1)
+    rec, target = torch.rand(3, 2, 8, 8, generator=generator), torch.rand(3, 2, 8, 8, generator=generator)
+    mask = torch.tensor([[True, True], [True, False], [False, False]])  # row 2 has no channel: no region
+    label = torch.randint(0, 4, (3, 8, 8), generator=generator)
+    label[0, :3] = 255  # ignored pixels belong to no region
+    label[1] = 0
+    label[1, 0, 0] = 3  # a one-pixel structure weighs as much as the larger ones
+    means = []
+    for b in range(3):
+        for k in range(1, 4):
+            pixels = label[b] == k
+            channels = mask[b].nonzero().flatten()
+            if pixels.any() and len(channels):
+                means.append(float((rec[b][channels][:, pixels] - target[b][channels][:, pixels]).abs().mean()))
+    assert float(structure_l1(rec, target, mask, label, 4)) == pytest.approx(np.mean(means), abs=1e-6)
+    assert float(structure_regions(mask, label, 4)) == len(means) == 4
+    nothing = torch.zeros(3, 8, 8, dtype=torch.long)
+    assert float(structure_l1(rec, target, mask, nothing, 4)) == 0.0 and float(structure_regions(mask, nothing, 4)) == 0
 
 
 def _ssim_numpy(x: np.ndarray, y: np.ndarray, size: int, sigma: float, data_range: float) -> float:

@@ -25,11 +25,13 @@ from medaug.models.losses import PatchDiscriminator
 from medaug.models.vqvae import VQVAE
 from medaug.train.checkpoint import load_checkpoint, sha256_file
 from medaug.train.tokenizer import (
+    LOSS_TERMS,
     LossConfig,
     TokenizerTask,
     choose_eval_split,
     load_tokenizer,
     load_tokenizer_recipe,
+    loss_counts,
     reconstruction_loss,
     train_tokenizer,
 )
@@ -147,6 +149,23 @@ def test_absent_channels_contribute_no_image_loss():
     assert float(reconstruction_loss(changed, logits, batch, weights)[0]) == pytest.approx(float(reference), abs=1e-6)
     present = torch.cat([(image_rec[0] - batch["image"][0]).flatten(), (image_rec[1, 0] - batch["image"][1, 0]).flatten()])
     assert float(terms["l1"]) == pytest.approx(float(present.abs().mean()), abs=1e-6)
+
+
+def test_structure_l1_term_adds_its_weighted_region_mean():
+    batch, image_rec, logits = _loss_batch()
+    plain, terms = reconstruction_loss(image_rec, logits, batch, LossConfig())
+    weighted, with_term = reconstruction_loss(image_rec, logits, batch, LossConfig(structure_l1=0.5))
+    assert "structure_l1" not in terms and set(with_term) == set(terms) | {"structure_l1"}
+    regions = []  # (row, structure) regions of the batch, present channels only, ignored pixels left out
+    for b in range(2):
+        channels = batch["channel_mask"][b].nonzero().flatten()
+        for k in range(1, 5):
+            pixels = batch["label"][b] == k
+            if pixels.any():
+                regions.append(float((image_rec[b][channels][:, pixels] - batch["image"][b][channels][:, pixels]).abs().mean()))
+    assert float(with_term["structure_l1"]) == pytest.approx(np.mean(regions), abs=1e-6)
+    assert float(weighted) == pytest.approx(float(plain) + 0.5 * np.mean(regions), abs=1e-5)
+    assert loss_counts(batch)[LOSS_TERMS.index("structure_l1")] == len(regions)
 
 
 def test_image_only_batches_have_image_terms_only():
