@@ -291,6 +291,7 @@ def run_synthesize(out: Path, settings: DemoSettings, report: Callable[..., None
     summary = result.summary
     return {"folder": str(folder), "samples": summary["samples"], "montage": summary.get("montage"),
             "adherence": {target: record["fraction"] for target, record in summary["adherence"]["targets"].items()},
+            "first_draw": {target: record.get("first_draw") for target, record in summary["adherence"]["targets"].items()},
             "files": {fmt: count_files(folder / fmt) for fmt in FORMATS}}
 
 
@@ -489,7 +490,10 @@ def headline(stage: str, summary: dict[str, Any]) -> str:
                 f"Dice {_number(summary['tokenizer_val']['dice'])}); MedVAR {summary['var_steps']} steps "
                 f"(token accuracy {_number(summary['var_train']['acc'])})")
     if stage == "synthesize":
-        shown = ", ".join(f"{target} {100 * fraction:.0f}%" for target, fraction in summary["adherence"].items())
+        first = summary.get("first_draw") or {}
+        shown = ", ".join(f"{target} {100 * fraction:.0f}%" + (f" (first draw {100 * first[target]:.0f}%)"
+                                                              if first.get(target) is not None else "")
+                          for target, fraction in summary["adherence"].items())
         return f"{summary['samples']} samples; mask shows the target: {shown}; files {summary['files']}"
     if stage == "features":
         return (f"{summary['steps']} steps; {summary['split']} structure AUROC {_number(summary['structure_auroc_macro'])}, "

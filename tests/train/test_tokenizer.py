@@ -455,7 +455,7 @@ def test_two_gloo_processes_equal_one_process_including_dead_code_reinit(tiny_pr
     assert [r["codebook_reinit"] for r in records["ddp"]] == [r["codebook_reinit"] for r in records["single"]]
     assert records["ddp"][1]["codebook_reinit"] > 0  # codes were re-initialized after step 0 (and step 1)
     for ddp_record, single_record in zip(records["ddp"], records["single"]):  # global-batch means at every step
-        for key in ("loss", "l1", "ssim", "ce", "dice", "quant"):
+        for key in ("loss", "l1", "ssim", "ce", "dice", "structure_l1", "quant"):
             assert ddp_record[key] == pytest.approx(single_record[key], abs=2e-5), (ddp_record["step"], key)
     counts = "quantizer.usage_counts"  # a per-rank buffer: rank 0 counts the codes of its half of the batch
     assert int(ddp.state_dicts["model"][counts].sum()) * 2 == int(reference.state_dicts["model"][counts].sum())
