@@ -1,7 +1,5 @@
 """Issue 11's quality bar on phantoms: the demo's generator, trained at the demo's budget on the CPU, must
-clear every check of :mod:`medaug.eval.acceptance` (slow: about 6-8 minutes on 2 cores). The per-target
-checks sit at the edge of their bar between runs and are marked so (``AT_THE_EDGE``): they run and report,
-the bar is unchanged.
+clear every check of :mod:`medaug.eval.acceptance` (slow: about 6-8 minutes on 2 cores).
 
 The verdicts are recomputed here from the files the demo wrote (the label PNGs for target presence, the
 acceptance record's measured numbers against the bar), so a wrong verdict in the library cannot pass.
@@ -30,54 +28,52 @@ def accepted(tmp_path_factory):
     return out, state, json.loads((out / "acceptance.json").read_text())
 
 
-# Measured run to run (training is not bit-reproducible between runs). Session 3, CPU: brain_tumor presence
-# 0.72, 0.84, 0.94, 0.875; tumour mask Dice 0.63, 0.73, 0.82, 0.88. Session 4 added conditions that count a
-# structure from 8 pixels on and structure-balanced tokenizer draws: on the GPU (5 training seeds, 64 samples
-# per target) tumour presence 0.906-0.969 and the whole bar in 4 of 5 runs; on the CPU (7 runs) tumour presence
-# 0.84-0.97, tumour mask Dice 0.25-0.88, in one run liver 0.78 and prostate 0.75 presence, in another (a
-# clean-clone CI run) prostate mask Dice 0.50: the whole bar in 2 of 7
-# (benchmarks/results/phantom-sweep-round4-h200.json, phantom-sweep-cpu.json). Tumour misses are samples with
-# no tumour at all, mostly of conditions drawn from the tumour's edge slices; with the tumour bit off the same
-# generator shows one in 3% of samples. So every per-target check of the bar runs and reports (XPASS / XFAIL)
-# without failing CI; what holds in every run measured stays hard (distances to the real floor and to noise,
-# no near copies, organ masks above image-blind masks). The bar is unchanged, and issue 11 stays open until
-# the tiny generator clears it every time.
-AT_THE_EDGE = pytest.mark.xfail(strict=False, reason="per-target presence and mask agreement vary across runs "
-                                                     "around their bars (tumour presence 0.72-0.97, bar 0.9; "
-                                                     "prostate mask Dice 0.50-0.98, bar 0.7)")
+# Measured run to run (training is not bit-reproducible between runs). Sessions 3-4 (CPU and GPU, 21 runs):
+# tumour presence 0.58-0.98 and the tumour's mask agreement 0.0-0.92 kept the whole bar to about half the runs.
+# Two causes, two fixes (session 5):
+# - a sample whose mask misses its target is drawn again (``medaug synthesize --redraws``, default 2): the
+#   generator's own first-draw rate stays in the record and is recounted below;
+# - the tokenizer learned to decode the tumour's mask but not its bright FLAIR lesion (contrast 0.3 against
+#   1.04 real in the worst run), so the real-trained UNet found no tumour in the generated images:
+#   ``losses.structure_l1`` in the tiny tokenizer recipe (benchmarks/results/tokenizer-lesions-cpu.json).
+# With both, 8 of 8 CPU sweep runs at the demo's budget cleared the whole bar: presence 0.98-1.0 (first draw:
+# tumour 0.78-0.97, prostate 0.89-0.98, liver 0.94-1.0), mask Dice liver 0.80-0.91, prostate 0.90-0.98, tumour
+# 0.77-0.92, FID 14.6-18.3 (benchmarks/results/phantom-sweep-round5-cpu.json); so did this test's own demo run
+# (tumour presence 1.0, first draw 0.95; tumour mask Dice 0.78). Every check is hard again.
 TARGETS = ("liver", "prostate", "brain_tumor")
 
 
-def recounted_presence(out) -> dict[str, float]:
-    """Per target: the fraction of its samples whose label PNG shows it on >= min_pixels pixels."""
+def recounted_presence(out, first_draw_only: bool = False) -> dict[str, float]:
+    """Per target: the fraction of its samples whose label PNG shows it on >= min_pixels pixels (with
+    ``first_draw_only``, and that were kept at their first draw: the manifest's ``draws`` is 1)."""
     import pyarrow.parquet as pq
 
-    manifest = pq.read_table(out / "synthetic" / "manifest.parquet")
+    manifest = pq.read_table(out / "synthetic" / "manifest.parquet").to_pylist()
     shown: dict[str, list[bool]] = {}
-    for sample_id, target in zip(manifest.column("sample_id").to_pylist(), manifest.column("target").to_pylist()):
-        label_HW = np.asarray(Image.open(out / "synthetic" / "png" / f"{sample_id}_label.png"))
-        ids = [vocab.structure(name).id for name in vocab.resolve(target)]
-        shown.setdefault(target, []).append(int(np.isin(label_HW, ids).sum()) >= THRESHOLDS.min_pixels)
+    for row in manifest:
+        label_HW = np.asarray(Image.open(out / "synthetic" / "png" / f"{row['sample_id']}_label.png"))
+        ids = [vocab.structure(name).id for name in vocab.resolve(row["target"])]
+        flag = int(np.isin(label_HW, ids).sum()) >= THRESHOLDS.min_pixels
+        shown.setdefault(row["target"], []).append(flag and (row["draws"] == 1 or not first_draw_only))
     return {target: float(np.mean(flags)) for target, flags in shown.items()}
 
 
 def test_presence_is_counted_from_the_masks_written(accepted):
     out, _, result = accepted
-    fractions = recounted_presence(out)
+    fractions, first_draws = recounted_presence(out), recounted_presence(out, first_draw_only=True)
     assert set(fractions) == set(TARGETS)
     for target, fraction in fractions.items():
         assert result["measured"]["presence"][target]["fraction"] == pytest.approx(fraction)
+        assert result["measured"]["presence"][target]["first_draw"] == pytest.approx(first_draws[target])
         assert result["checks"][f"presence/{target}"]["passed"] == (fraction >= THRESHOLDS.presence)
 
 
-@AT_THE_EDGE
 def test_every_requested_target_is_present_in_90_percent_of_masks(accepted):
     out, _, _ = accepted
     for target, fraction in recounted_presence(out).items():
         assert fraction >= THRESHOLDS.presence, (target, fraction)
 
 
-@AT_THE_EDGE
 @pytest.mark.parametrize("target", TARGETS)
 def test_a_unet_trained_on_real_slices_agrees_with_the_generated_masks(accepted, target):
     _, _, result = accepted
@@ -85,18 +81,6 @@ def test_a_unet_trained_on_real_slices_agrees_with_the_generated_masks(accepted,
     assert entry["n_synthetic"] > 0, target
     assert entry["synthetic_dice"] >= THRESHOLDS.mask_dice, (target, entry)
     assert entry["synthetic_dice"] >= entry["shuffled_real_dice"] + THRESHOLDS.shuffled_margin, (target, entry)
-
-
-@pytest.mark.parametrize("target", ["liver", "prostate"])
-def test_generated_organ_masks_match_their_images_better_than_image_blind_masks(accepted, target):
-    """Below the bar, always: the real-trained UNet agrees with the generated liver and prostate masks more than
-    with real masks of other slices (what a mask drawn without looking at the image reaches). 0.50 against
-    0.36 was the lowest prostate margin measured (a run whose tokenizer reconstructed the transition zone with
-    Dice 0.18); a generator whose masks ignore its images sits at or below the shuffled value."""
-    _, _, result = accepted
-    entry = result["measured"]["mask_agreement"][target]
-    assert entry["n_synthetic"] > 0, target
-    assert entry["synthetic_dice"] > entry["shuffled_real_dice"], (target, entry)
 
 
 def test_feature_distances_are_near_the_real_floor_and_far_from_noise(accepted):
