@@ -54,6 +54,8 @@ STATUS_RUNNING, STATUS_COMPLETE = "running", "complete"
 BODY_THRESHOLD = -0.9  # model space: a pixel with any channel above this counts as body (background is -1)
 # Settings a resumed run must share with the run it finishes.
 RESUME_KEYS = ("plan_sha256", "sampling", "generator_sha256", "formats", "dtype", "batch_size", "redraws")
+# What a run started before a setting existed used (its synthesize.json has no such key).
+SETTINGS_BEFORE_KEY = {"redraws": 0}
 
 Progress = Callable[[int, int, float], None]  # (samples done, samples planned, images per second)
 
@@ -170,9 +172,11 @@ def claim_folder(out: Path, record: dict[str, Any], plan: Plan, generator: Synth
             raise ConfigError(out, f"holds a synthesis run ({state.get('status')}); expected a new folder, or "
                               "--resume to finish it")
         for key in RESUME_KEYS:
-            if state["settings"].get(key) != record[key]:
-                raise ConfigError(out, f"was started with another {key} ({state['settings'].get(key)!r}, now "
-                                  f"{record[key]!r}); expected the same request to resume")
+            started = state["settings"].get(key, SETTINGS_BEFORE_KEY.get(key))
+            if started != record[key]:
+                hint = f" (--redraws {started})" if key == "redraws" else ""
+                raise ConfigError(out, f"was started with another {key} ({started!r}, now {record[key]!r}); expected "
+                                  f"the same request to resume{hint}")
         ShardWriter(out).cleanup_stale()
         return state
     if out.exists() and (not out.is_dir() or any(out.iterdir())):

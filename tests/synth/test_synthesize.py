@@ -301,6 +301,23 @@ def test_a_used_folder_is_refused_without_resume_and_a_changed_request_with_it(t
     assert (tmp_path / "mine.txt").read_text() == "the user's file"
 
 
+def test_a_run_started_before_redraws_existed_resumes_with_none(tiny_synthesis, tmp_path):
+    import shutil
+    from dataclasses import replace as changed
+
+    out = tmp_path / "old"
+    shutil.copytree(tiny_synthesis["out"], out)
+    state = json.loads((out / layout.SYNTHESIZE_JSON).read_text())
+    del state["settings"]["redraws"]  # what synthesize.json held before --redraws
+    (out / layout.SYNTHESIZE_JSON).write_text(json.dumps(state))
+    with pytest.raises(ConfigError, match="--redraws 0"):
+        synthesize(tiny_synthesis["run"], out, tiny_synthesis["request"], tiny_synthesis["export"], device="cpu",
+                   resume=True)
+    none = changed(tiny_synthesis["request"], redraws=0)
+    result = synthesize(tiny_synthesis["run"], out, none, tiny_synthesis["export"], device="cpu", resume=True)
+    assert result.generated == 0 and result.summary["status"] == "complete"
+
+
 class _Killed(Exception):
     pass
 
