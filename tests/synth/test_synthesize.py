@@ -495,7 +495,8 @@ def test_a_failed_save_is_raised_even_when_generation_fails_too(tiny_var_run, tm
         raise SaveFailed("batch 0")
 
     generator = FailingSecond(tiny_var_run["run_dir"], "cpu")
-    plan = make_plan(PlanRequest(n=4, targets=("liver",), batch_size=2, seed=1), generator.bank, generator.domain_names)
+    plan = make_plan(PlanRequest(n=4, targets=("liver",), batch_size=2, seed=1, redraws=0),  # a redraw would submit
+                     generator.bank, generator.domain_names)                                # batch 0's misses again
     monkeypatch.setattr(run_module, "save_batch", failing_save)
     with pytest.raises(SaveFailed) as raised:
         run_module.generate_batches(generator, plan, tmp_path, run_module.ExportSettings(formats=()), "uid", 0, 1, None)
