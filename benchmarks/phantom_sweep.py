@@ -73,7 +73,8 @@ CONFIGS.update({
 # round 5 (session 5): r4_tsb05 is now the demo's default; it cleared the whole bar in 4 of 5 GPU runs but in 3
 # of 8 CPU runs, failing on tumour presence (0.72-0.89) or on a mask agreement when the tokenizer reconstructed
 # a small structure badly (tumour edema Dice 0.45, prostate transition zone 0.18). Candidates: heavier mask
-# losses for the tokenizer, a longer tokenizer run, a stricter presence rule for conditions, more subjects
+# losses for the tokenizer, a longer tokenizer run, a stricter presence rule for conditions, more subjects (defined,
+# not run: session 5 had no GPU time); r5_sl1 below is the one run, 8 seeds on the CPU, whole bar 8 of 8
 _R4 = ["var.sampler.power=1.0", "tokenizer.sampler.by=structure", "tokenizer.sampler.power=0.5"]
 CONFIGS.update({
     "r5_mask2": (4, 1200, 800, _R4 + ["tokenizer.losses.mask_ce=2.0", "tokenizer.losses.mask_dice=2.0"]),
