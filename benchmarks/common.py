@@ -42,3 +42,19 @@ def commit(*paths: str, dirty_key: str = "working_tree_dirty") -> dict:
     except (OSError, subprocess.CalledProcessError):
         return {"commit": None}
     return {"commit": head.stdout.strip(), dirty_key: bool(status.stdout.strip())}
+
+
+def report(benchmark: str, started: float, json_out: Path | None, **fields) -> dict:
+    """The result of ``benchmark``: name, date, machine, commit, wall seconds since ``started`` (a
+    ``time.perf_counter()`` value) and ``fields``; printed as JSON and written to ``json_out`` when given."""
+    import json
+    import time
+
+    result = {"benchmark": benchmark, "date": time.strftime("%Y-%m-%d"), "machine": machine(), **commit(),
+              "wall_s": round(time.perf_counter() - started, 1), **fields}
+    text = json.dumps(result, indent=2, default=str)
+    if json_out:
+        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_out).write_text(text + "\n")
+    print(text)
+    return result

@@ -12,7 +12,6 @@ pixels (the manifest's ``adherent``).
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import tempfile
@@ -60,13 +59,7 @@ def main() -> None:
     summary = {label: {target: {"values": [runs[name][target] for name in sorted(runs)],
                                 "at_least_0.9": sum(runs[name][target] >= 0.9 for name in runs)}
                        for target in TARGETS} for label, runs in results.items()}
-    result = {"benchmark": "presence_by_sampling", "date": time.strftime("%Y-%m-%d"), "machine": common.machine(),
-              **common.commit(), "wall_s": round(time.perf_counter() - started, 1), "settings": SETTINGS,
-              "results": results, "summary": summary}
-    text = json.dumps(result, indent=2)
-    if args.json_out:
-        args.json_out.write_text(text + "\n")
-    print(text)
+    common.report("presence_by_sampling", started, args.json_out, settings=SETTINGS, results=results, summary=summary)
 
 
 if __name__ == "__main__":

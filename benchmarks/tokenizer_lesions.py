@@ -99,12 +99,7 @@ def main() -> None:
             running.remove(job)
             path = args.out / f"{job[0]}@{job[1]}.json"
             records.append(json.loads(path.read_text()) if path.is_file() else {"arm": job[0], "seed": job[1], "error": True})
-    result = {"benchmark": "tokenizer_lesions", "date": time.strftime("%Y-%m-%d"), "machine": common.machine(),
-              **common.commit(), "wall_s": round(time.perf_counter() - started, 1), "records": records}
-    text = json.dumps(result, indent=2)
-    if args.json_out:
-        args.json_out.write_text(text + "\n")
-    print(text)
+    common.report("tokenizer_lesions", started, args.json_out, records=records)
 
 
 if __name__ == "__main__":

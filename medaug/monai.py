@@ -618,9 +618,9 @@ class GeneratorDataset(torch.utils.data.IterableDataset):
         generator = self.generator()
         plan = make_plan(self.request, generator.bank, generator.domain_names)
         for batch_index in range(shard, plan.num_batches, shards):
-            batch = generator.generate(plan.batch(batch_index), self.request.sampling)
-            samples, _ = redraw_missing(generator, plan.batch(batch_index), batch, self.request.sampling,
-                                        self.request.redraws)
+            planned = plan.batch(batch_index)
+            batch = generator.generate(planned, self.request.sampling)
+            samples, _ = redraw_missing(generator, planned, batch, self.request.sampling, self.request.redraws)
             for position, sample in enumerate(samples):
                 item = self._item(generator, plan, sample, batch, position)
                 yield item if self.transform is None else apply_transform(self.transform, item)

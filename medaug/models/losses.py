@@ -63,9 +63,7 @@ def structure_l1(image_rec_BCHW: torch.Tensor, image_BCHW: torch.Tensor, channel
     """
     weights_BCHW = _channel_weights(channel_mask_BC, image_BCHW)
     error_BN = ((image_rec_BCHW - image_BCHW).abs() * weights_BCHW).sum(1).flatten(1)  # summed over channels
-    label_BN = label_BHW.flatten(1).long()
-    labelled_BN = (label_BN != IGNORE_LABEL) & (label_BN < classes)
-    index_BN = torch.where(labelled_BN, label_BN, 0)
+    index_BN, labelled_BN = _region_index(label_BHW, classes)
     sums_BK = error_BN.new_zeros(error_BN.shape[0], classes).scatter_add(1, index_BN, error_BN * labelled_BN)
     counts_BK = error_BN.new_zeros(sums_BK.shape).scatter_add(1, index_BN, labelled_BN.to(error_BN.dtype))
     channels_B1 = channel_mask_BC.sum(1, keepdim=True).to(error_BN.dtype)
@@ -76,11 +74,18 @@ def structure_l1(image_rec_BCHW: torch.Tensor, image_BCHW: torch.Tensor, channel
 
 def structure_regions(channel_mask_BC: torch.Tensor, label_BHW: torch.Tensor, classes: int) -> torch.Tensor:
     """How many regions :func:`structure_l1` averages over (a 0-d float tensor)."""
+    index_BN, labelled_BN = _region_index(label_BHW, classes)
+    counts_BK = torch.zeros(index_BN.shape[0], classes, device=index_BN.device).scatter_add(
+        1, index_BN, labelled_BN.float())
+    return ((counts_BK[:, 1:] > 0) & channel_mask_BC.any(1, keepdim=True)).sum().float()
+
+
+def _region_index(label_BHW: torch.Tensor, classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(class index (B, H·W) int64 with unlabelled pixels sent to 0, labelled (B, H·W) bool): the pixels of
+    labels below ``classes`` other than ``IGNORE_LABEL``."""
     label_BN = label_BHW.flatten(1).long()
-    labelled_BN = (label_BN != IGNORE_LABEL) & (label_BN > 0) & (label_BN < classes)
-    present_BK = torch.zeros(label_BN.shape[0], classes, dtype=torch.bool, device=label_BN.device)
-    present_BK.scatter_(1, torch.where(labelled_BN, label_BN, 0), labelled_BN)
-    return (present_BK[:, 1:] & channel_mask_BC.any(1, keepdim=True)).sum().float()
+    labelled_BN = (label_BN != IGNORE_LABEL) & (label_BN < classes)
+    return torch.where(labelled_BN, label_BN, 0), labelled_BN
 
 
 def gaussian_window(size: int = 11, sigma: float = 1.5, dtype: torch.dtype = torch.float32) -> torch.Tensor:

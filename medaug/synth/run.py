@@ -308,13 +308,12 @@ def redraw_missing(generator: SynthGenerator, samples: Sequence[PlannedSample], 
 
 def save_batch(generator: SynthGenerator, plan: Plan, samples: Sequence[PlannedSample], batch: GeneratedBatch,
                batch_index: int, bid: str, exporters: _Exporters, writer: ShardWriter,
-               draws: Sequence[int] | None = None) -> dict[str, float]:
+               draws: Sequence[int]) -> dict[str, float]:
     """Export one generated batch, then write its shards and (last) its parts file; seconds per stage.
-    ``draws``: each sample's number of draws (:func:`redraw_missing`; None: one each)."""
+    ``draws``: each sample's number of draws (:func:`redraw_missing`)."""
     tick = time.perf_counter()
     slices = [export_slice(generator, sample, batch, position, bid) for position, sample in enumerate(samples)]
     exporters.write(slices)
-    draws = draws if draws is not None else [1] * len(samples)
     rows, tock = manifest_rows(generator, plan, samples, batch, batch_index, bid, draws), time.perf_counter()
     writer.write_volume(bid, batch.image_BCHW, batch.label_BHW, rows, extra_types=_EXTRA_TYPES)
     return {"export": tock - tick, "record": time.perf_counter() - tock}
