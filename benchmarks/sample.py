@@ -291,7 +291,8 @@ def decoder_variants(vqvae: VQVAE, default: FastDecoder, device: torch.device, b
     variants = {"autocast_fp32_weights": autocast_decode}
     for name, options in (("bf16_nchw_eager", dict(channels_last=False, compile=False)),
                           ("bf16_channels_last_eager", dict(channels_last=True, compile=False)),
-                          ("bf16_channels_last_compiled_unfolded", dict(fold_upsample=False))):
+                          ("compiled_torch_group_norm", dict(channel_stats_norm=False)),
+                          ("compiled_channel_stats_16_row_bands", dict(norm_row_bands=16))):
         decoder = FastDecoder(vqvae, **options)
         variants[name] = lambda d=decoder: d.decode(f_hat_BCHW)
     variants["fast_default_" + ("compiled" if default.compiled else "eager")] = lambda: default.decode(f_hat_BCHW)
@@ -303,7 +304,7 @@ def decoder_variants(vqvae: VQVAE, default: FastDecoder, device: torch.device, b
         seconds = timed(function, device, reps)
         result[name] = {"images_per_s": round(batch / seconds, 1), "first_call_s": round(warm_s, 1)}
         result[name]["utilisation"] = round(result["flops_per_image"] * batch / seconds / BF16_RATE, 3)
-    result["profile_fast_default"] = profile_top(lambda: default.decode(f_hat_BCHW), device)
+    result["profile_fast_default"] = profile_top(lambda: default.decode(f_hat_BCHW), device, top=25)
     return result
 
 
@@ -395,13 +396,27 @@ def sampling_rows(var, vqvae, decoder, device, batches, deadline, basic_batches=
 
 
 def ablation_rows(sampler, decoder, quantizer, device, flops_image, deadline) -> list[dict]:
-    """Without CUDA graphs at batch 1, without torch.compile at batch 256 (same weights), one graph at 256,
-    and a kernel profile of the default at 256."""
+    """The sampler of another source file at batch 256 (``MEDAUG_BASELINE_SAMPLER``: a path to an older
+    medaug/models/sampling.py, timed in the same process as the current one), a kernel profile of the
+    default at 256, one graph at 256, without CUDA graphs at batch 1, without torch.compile at batch 256
+    (same weights)."""
     rows = []
+    baseline = os.environ.get("MEDAUG_BASELINE_SAMPLER")
+    if baseline and left(deadline) > 60:
+        try:
+            rows.append(baseline_row(Path(baseline), sampler, decoder, quantizer, device, flops_image))
+        except Exception as error:  # noqa: BLE001 (a comparison row must not cost the rows after it)
+            traceback.print_exc()
+            rows.append({"variant": "fast_baseline", "error": f"{type(error).__name__}: {str(error)[:300]}"})
+        free_memory(device)
     if left(deadline) > 60 and device.type == "cuda":
         condition, seeds = conditions(256, device, seed=256), list(range(256))
         rows.append({"variant": "profile_fast_tokens_256",
-                     "kernels": profile_top(lambda: run_fast(sampler, None, quantizer, condition, seeds), device)})
+                     "kernels": profile_top(lambda: run_fast(sampler, None, quantizer, condition, seeds), device,
+                                            top=25)})
+        rows.append(measure("fast_flash_attention", 256, device, flops_image,
+                            lambda c, s: flash_only(lambda: run_fast(sampler, None, quantizer, c, s)),
+                            lambda c, s: flash_only(lambda: run_fast(sampler, decoder, quantizer, c, s))))
         sampler.graph_max_batch = 256
         rows.append(measure("fast_graph_256", 256, device, flops_image,
                             lambda c, s: run_fast(sampler, None, quantizer, c, s),
@@ -422,6 +437,34 @@ def ablation_rows(sampler, decoder, quantizer, device, flops_image, deadline) ->
                             lambda c, s: run_fast(eager, None, quantizer, c, s), None))
     free_memory(device)
     return rows
+
+
+def flash_only(function: Callable[[], Any]) -> Any:
+    """``function()`` with SDPA restricted to the flash backend (PyTorch picks cuDNN on the H200 by default)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        return function()
+
+
+def baseline_row(path: Path, sampler, decoder, quantizer, device, flops_image) -> dict[str, Any]:
+    """Tokens and tokens + decode at batch 256 (4 on the CPU) with the FastSampler of ``path``, and
+    whether its tokens equal the current sampler's (bf16 on CUDA: the kernels differ, so near-ties may
+    flip; the share of equal tokens is reported)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("baseline_sampling", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    old = module.FastSampler(sampler.var, quantizer)
+    batch = 256 if device.type == "cuda" else 4
+    row = measure("fast_baseline_" + path.stem, batch, device, flops_image,
+                  lambda c, s: run_fast(old, None, quantizer, c, s), lambda c, s: run_fast(old, decoder, quantizer, c, s))
+    condition, seeds = conditions(batch, device, seed=batch), list(range(batch))
+    row["token_agreement_with_current"] = token_agreement(quantizer, run_fast(old, None, quantizer, condition, seeds),
+                                                          run_fast(sampler, None, quantizer, condition, seeds))
+    return row
 
 
 def measure(variant: str, batch: int, device, flops_image: float, tokens_fn, full_fn) -> dict[str, Any]:
