@@ -507,9 +507,9 @@ class FastDecoder:
     dimension is dynamic, so one compile serves every batch size; a batch of one is padded to two).
     ``fold_upsample`` (default on CUDA) runs each nearest-×2 + 3×3 conv as one transposed conv
     (:class:`FoldedUpsample`: the same function, 10% fewer decoder FLOPs at 256²).
-    ``channel_stats_norm`` (default: when compiled and channels-last) runs each GroupNorm from per-channel
-    statistics (:class:`ChannelStatsGroupNorm`: the same function, reductions along channels-last memory;
-    ``norm_row_bands`` bands of rows per channel).
+    ``channel_stats_norm`` runs each GroupNorm from per-channel statistics (:class:`ChannelStatsGroupNorm`:
+    the same function, its reductions along channels-last memory; ``norm_row_bands`` bands of rows per
+    channel). Off by default until it is timed on the GPU (``benchmarks/sample.py --part a``).
     Batches are decoded in chunks of :meth:`chunk_size` images: on CUDA what fits in a third of the device's
     total memory (``max_chunk`` caps it), fixed for the decoder's life, so a batch's decode (and its
     convolution algorithms, picked per shape) does not depend on what else holds memory at the time (the
@@ -527,7 +527,7 @@ class FastDecoder:
         channels_last: bool | None = None,
         compile: bool | None = None,
         fold_upsample: bool | None = None,
-        channel_stats_norm: bool | None = None,
+        channel_stats_norm: bool = False,
         norm_row_bands: int = 1,
         max_chunk: int = 256,
     ):
@@ -542,9 +542,8 @@ class FastDecoder:
         self.fold_upsample = cuda if fold_upsample is None else fold_upsample
         if self.fold_upsample:
             fold_upsamples(decoder)
-        default_norm = self.compiled and self.channels_last
-        self.channel_stats_norm = default_norm if channel_stats_norm is None else channel_stats_norm
-        if self.channel_stats_norm:
+        self.channel_stats_norm = channel_stats_norm
+        if channel_stats_norm:
             channel_stats_group_norms(decoder, norm_row_bands)
         path = _DecodePath(copy.deepcopy(vqvae.post_quant_conv), decoder).eval()
         path = path.to(self.dtype).requires_grad_(False)
