@@ -462,10 +462,11 @@ class FastSampler:
       ``dtype`` (no autocast casts). A model in another dtype is copied, or converted in place with
       ``convert_in_place=True`` (saves the float32 copy's memory: 8 GB for d30).
     * AdaLN vectors of all blocks and the head are computed once per call, not per scale.
-    * :class:`ChainedKVCache`: preallocated, no ``torch.cat``, the last scale not cached.
+    * :class:`ChainedKVCache`: preallocated, no ``torch.cat``, the last scale not cached; laid out
+      (rows, positions, heads, head dim) and written by the q/k normalisation kernel (no separate copies).
     * No unconditional stream when every guidance weight is 0 (``cfg`` 0, or a single scale).
-    * ``compile`` (default: on CUDA): LayerNorm + modulation + residual, q/k normalisation and the
-      guidance mix run as torch.compile kernels with dynamic row/length sizes (one compile per model);
+    * ``compile`` (default: on CUDA): LayerNorm + modulation + residual, q/k normalisation with the
+      cache writes and the guidance mix run as torch.compile kernels with dynamic row/length sizes (one compile per model);
       fc1 + tanh-GELU use cuBLASLt's fused epilogue on CUDA.
     * ``cuda_graphs`` (default: on CUDA): batches of at most ``graph_max_batch`` samples run as one
       captured graph per power-of-two bucket (padding rows are dropped), which removes launch overhead.
