@@ -259,6 +259,15 @@ def gelu_check(device: torch.device) -> dict[str, float]:
             "vs_erf": float((fused - torch.nn.functional.gelu(plain)).abs().max())}
 
 
+def check_tokens(vqvae: VQVAE, device: torch.device, batch: int = 8) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Random token maps of ``batch`` samples and an annotated mask, for decoder checks."""
+    generator = torch.Generator().manual_seed(4)
+    indices = [torch.randint(vqvae.quantizer.config.codebook_size, (batch, s, s), generator=generator).to(device)
+               for s in vqvae.quantizer.patch_sides]
+    return indices, conditions(batch, device, seed=4)[2]
+
+
+@torch.no_grad()
 def decoder_check(vqvae: VQVAE, decoder: FastDecoder, quantizer, indices, annotated_BS) -> dict[str, float]:
     """The default FastDecoder (bf16, channels-last, compiled on CUDA) against float32 VQVAE.decode."""
     image_ref, logits_ref = vqvae.decode(quantizer.indices_to_features(indices))
@@ -270,9 +279,11 @@ def decoder_check(vqvae: VQVAE, decoder: FastDecoder, quantizer, indices, annota
 
 # ---------------------------------------------------------------- decoder
 @torch.no_grad()
-def decoder_variants(vqvae: VQVAE, default: FastDecoder, device: torch.device, batch: int, reps: int
-                     ) -> dict[str, Any]:
-    """Decoder alone (f_hat → image + logits) at ``batch``: autocast, bf16 eager NCHW/NHWC, compiled NHWC.
+def decoder_variants(vqvae: VQVAE, default: FastDecoder, stats: FastDecoder, device: torch.device, batch: int,
+                     reps: int) -> dict[str, Any]:
+    """Decoder alone (f_hat → image + logits) at ``batch``: autocast, bf16 eager NCHW/NHWC, compiled NHWC
+    with GroupNorm from per-channel statistics (``stats``: one band of rows; and 16 bands) and the default
+    (torch's GroupNorm), with kernel profiles of the default and ``stats``.
 
     A compiled NCHW variant is left out: inductor's layout optimisation runs convolutions channels-last
     on CUDA whatever the input layout, and each compile costs about a minute of the device call.
@@ -291,9 +302,10 @@ def decoder_variants(vqvae: VQVAE, default: FastDecoder, device: torch.device, b
     variants = {"autocast_fp32_weights": autocast_decode}
     for name, options in (("bf16_nchw_eager", dict(channels_last=False, compile=False)),
                           ("bf16_channels_last_eager", dict(channels_last=True, compile=False)),
-                          ("bf16_channels_last_compiled_unfolded", dict(fold_upsample=False))):
+                          ("compiled_channel_stats_16_row_bands", dict(channel_stats_norm=True, norm_row_bands=16))):
         decoder = FastDecoder(vqvae, **options)
         variants[name] = lambda d=decoder: d.decode(f_hat_BCHW)
+    variants["compiled_channel_stats_norm"] = lambda: stats.decode(f_hat_BCHW)
     variants["fast_default_" + ("compiled" if default.compiled else "eager")] = lambda: default.decode(f_hat_BCHW)
     for name, function in variants.items():
         start = time.perf_counter()
@@ -303,7 +315,8 @@ def decoder_variants(vqvae: VQVAE, default: FastDecoder, device: torch.device, b
         seconds = timed(function, device, reps)
         result[name] = {"images_per_s": round(batch / seconds, 1), "first_call_s": round(warm_s, 1)}
         result[name]["utilisation"] = round(result["flops_per_image"] * batch / seconds / BF16_RATE, 3)
-    result["profile_fast_default"] = profile_top(lambda: default.decode(f_hat_BCHW), device)
+    result["profile_fast_default"] = profile_top(lambda: default.decode(f_hat_BCHW), device, top=25)
+    result["profile_channel_stats_norm"] = profile_top(variants["compiled_channel_stats_norm"], device, top=25)
     return result
 
 
@@ -363,8 +376,10 @@ def decoder_flops(vqvae: VQVAE, f_hat_1CHW: torch.Tensor) -> int:
 
 # ---------------------------------------------------------------- sampling
 @torch.no_grad()
-def sampling_rows(var, vqvae, decoder, device, batches, deadline, basic_batches=(), ablations=False) -> list[dict]:
-    """Images/s (tokens only and with decode), latency and peak memory per batch size."""
+def sampling_rows(var, vqvae, decoder, device, batches, deadline, basic_batches=(), ablations=False,
+                  other_decoders: dict[str, FastDecoder] | None = None) -> list[dict]:
+    """Images/s (tokens only and with decode), latency and peak memory per batch size; with each of
+    ``other_decoders`` at the largest batch too."""
     rows, quantizer = [], vqvae.quantizer
     flops_image = var.config.flops_per_token(False) * var.config.total_tokens * 2
     for batch in basic_batches:
@@ -389,19 +404,39 @@ def sampling_rows(var, vqvae, decoder, device, batches, deadline, basic_batches=
         rows[-1]["auto_max_batch"] = sampler.max_batch_size(sampler.settings(**SETTINGS))
         sampler.clear_graphs()
         free_memory(device)
+    for name, other in (other_decoders or {}).items():
+        if left(deadline) > 25:
+            rows.append(measure("fast_decoder_" + name, batches[-1], device, flops_image,
+                                lambda c, s: run_fast(sampler, None, quantizer, c, s),
+                                lambda c, s, d=other: run_fast(sampler, d, quantizer, c, s)))
+            free_memory(device)
     if ablations:
         rows += ablation_rows(sampler, decoder, quantizer, device, flops_image, deadline)
     return rows
 
 
 def ablation_rows(sampler, decoder, quantizer, device, flops_image, deadline) -> list[dict]:
-    """Without CUDA graphs at batch 1, without torch.compile at batch 256 (same weights), one graph at 256,
-    and a kernel profile of the default at 256."""
+    """The sampler of another source file at batch 256 (``MEDAUG_BASELINE_SAMPLER``: a path to an older
+    medaug/models/sampling.py, timed in the same process as the current one), a kernel profile of the
+    default at 256, one graph at 256, without CUDA graphs at batch 1, without torch.compile at batch 256
+    (same weights)."""
     rows = []
+    baseline = os.environ.get("MEDAUG_BASELINE_SAMPLER")
+    if baseline and left(deadline) > 60:
+        try:
+            rows.append(baseline_row(Path(baseline), sampler, decoder, quantizer, device, flops_image))
+        except Exception as error:  # noqa: BLE001 (a comparison row must not cost the rows after it)
+            traceback.print_exc()
+            rows.append({"variant": "fast_baseline", "error": f"{type(error).__name__}: {str(error)[:300]}"})
+        free_memory(device)
     if left(deadline) > 60 and device.type == "cuda":
         condition, seeds = conditions(256, device, seed=256), list(range(256))
         rows.append({"variant": "profile_fast_tokens_256",
-                     "kernels": profile_top(lambda: run_fast(sampler, None, quantizer, condition, seeds), device)})
+                     "kernels": profile_top(lambda: run_fast(sampler, None, quantizer, condition, seeds), device,
+                                            top=25)})
+        rows.append(measure("fast_flash_attention", 256, device, flops_image,
+                            lambda c, s: flash_only(lambda: run_fast(sampler, None, quantizer, c, s)),
+                            lambda c, s: flash_only(lambda: run_fast(sampler, decoder, quantizer, c, s))))
         sampler.graph_max_batch = 256
         rows.append(measure("fast_graph_256", 256, device, flops_image,
                             lambda c, s: run_fast(sampler, None, quantizer, c, s),
@@ -422,6 +457,34 @@ def ablation_rows(sampler, decoder, quantizer, device, flops_image, deadline) ->
                             lambda c, s: run_fast(eager, None, quantizer, c, s), None))
     free_memory(device)
     return rows
+
+
+def flash_only(function: Callable[[], Any]) -> Any:
+    """``function()`` with SDPA restricted to the flash backend (PyTorch picks cuDNN on the H200 by default)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        return function()
+
+
+def baseline_row(path: Path, sampler, decoder, quantizer, device, flops_image) -> dict[str, Any]:
+    """Tokens and tokens + decode at batch 256 (4 on the CPU) with the FastSampler of ``path``, and
+    whether its tokens equal the current sampler's (bf16 on CUDA: the kernels differ, so near-ties may
+    flip; the share of equal tokens is reported)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("baseline_sampling", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    old = module.FastSampler(sampler.var, quantizer)
+    batch = 256 if device.type == "cuda" else 4
+    row = measure("fast_baseline_" + path.stem, batch, device, flops_image,
+                  lambda c, s: run_fast(old, None, quantizer, c, s), lambda c, s: run_fast(old, decoder, quantizer, c, s))
+    condition, seeds = conditions(batch, device, seed=batch), list(range(batch))
+    row["token_agreement_with_current"] = token_agreement(quantizer, run_fast(old, None, quantizer, condition, seeds),
+                                                          run_fast(sampler, None, quantizer, condition, seeds))
+    return row
 
 
 def measure(variant: str, batch: int, device, flops_image: float, tokens_fn, full_fn) -> dict[str, Any]:
@@ -535,14 +598,18 @@ def guarded(report: Report, key: str, function: Callable[[], Any]) -> None:
 def part_a(report: Report, device: torch.device, smoke: bool, deadline: float) -> None:
     guarded(report, "ceilings", lambda: ceilings(device, smoke))
     var, vqvae = build_models("d16", device, smoke)
-    decoder = FastDecoder(vqvae)
+    decoder, stats = FastDecoder(vqvae), FastDecoder(vqvae, channel_stats_norm=True)
     guarded(report, "correctness_d16", lambda: correctness(var, vqvae, decoder, device))
+    guarded(report, "decoder_check_default_vs_channel_stats",
+            lambda: {name: decoder_check(vqvae, d, vqvae.quantizer, *check_tokens(vqvae, device))
+                     for name, d in (("default", decoder), ("channel_stats", stats))})
     batch = 256 if not smoke else 4
-    guarded(report, "decoder_alone", lambda: decoder_variants(vqvae, decoder, device, batch, 5 if not smoke else 1))
+    guarded(report, "decoder_alone",
+            lambda: decoder_variants(vqvae, decoder, stats, device, batch, 5 if not smoke else 1))
     batches = (1, 16, 64, 256) if not smoke else (1, 2, 4)
     basic = (1, 256) if not smoke else (1,)
-    guarded(report, "sampling_d16",
-            lambda: sampling_rows(var, vqvae, decoder, device, batches, deadline, basic, ablations=True))
+    guarded(report, "sampling_d16", lambda: sampling_rows(var, vqvae, decoder, device, batches, deadline, basic,
+                                                          ablations=True, other_decoders={"channel_stats": stats}))
     if left(deadline) > 60:
         sampler = FastSampler(var, vqvae.quantizer, convert_in_place=True)
         guarded(report, "streamed_d16", lambda: streamed_rows(sampler, decoder, vqvae.quantizer, device, batch,

@@ -269,18 +269,23 @@ def residual_norm_modulate(
 
 
 def normalized_qkv(
-    qkv_RlE: torch.Tensor, attn_scale_11H1: torch.Tensor, heads: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q, k, v (R, H, l, D) from the qkv projection (R, l, 3·H·D): q, k L2-normalised, q × the head scale.
+    qkv_RlE: torch.Tensor, attn_scale_11H1: torch.Tensor, keys_RlHD: torch.Tensor, values_RlHD: torch.Tensor
+) -> torch.Tensor:
+    """Split the qkv projection (R, l, 3·H·D): L2-normalised k into ``keys_RlHD`` and v into ``values_RlHD``
+    (cache slots, written in place, any row stride), and q (R, H, l, D), L2-normalised × the head scale.
 
-    Normalised in the projection's (R, l, H, D) order and returned as transposed views: a fused kernel
-    that wrote (R, H, l, D) directly ran 5× under memory bandwidth on the H200.
+    One compiled kernel reads the projection once and writes the cache; an eager copy into the cache
+    is split into 32-bit-indexed pieces once the cache passes 2 GiB (8 launches per block and scale for
+    d16 at batch 256). Normalised in the projection's (R, l, H, D) order and q returned as a transposed
+    view: a fused kernel that wrote (R, H, l, D) directly ran 5× under memory bandwidth on the H200.
     """
     rows, length, width3 = qkv_RlE.shape
-    q_RlHD, k_RlHD, v_RlHD = qkv_RlE.view(rows, length, 3, heads, width3 // (3 * heads)).unbind(2)
-    q_RlHD = (F.normalize(q_RlHD, dim=-1) * attn_scale_11H1).to(v_RlHD.dtype)
-    k_RlHD = F.normalize(k_RlHD, dim=-1).to(v_RlHD.dtype)
-    return q_RlHD.transpose(1, 2), k_RlHD.transpose(1, 2), v_RlHD.transpose(1, 2)
+    heads, dim = keys_RlHD.shape[2], keys_RlHD.shape[3]
+    q_RlHD, k_RlHD, v_RlHD = qkv_RlE.view(rows, length, 3, heads, dim).unbind(2)
+    keys_RlHD.copy_(F.normalize(k_RlHD, dim=-1))
+    values_RlHD.copy_(v_RlHD)
+    q_RlHD = (F.normalize(q_RlHD, dim=-1) * attn_scale_11H1).to(keys_RlHD.dtype)
+    return q_RlHD.transpose(1, 2)
 
 
 def guided_logits_t(logits_RlV: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -295,32 +300,40 @@ _STEP_FUNCTIONS = {"norm": norm_modulate, "residual": residual_norm_modulate, "q
 
 
 class ChainedKVCache:
-    """Keys and values of all blocks in one buffer each, (R, H, depth·capacity + p_{K-1}², D).
+    """Keys and values of all blocks in one buffer each, (R, depth·capacity + p_{K-1}², H, D).
 
     Block i keeps positions [0, capacity) (scales 0..K-2) at offset a_i = (depth - 1 - i)·capacity. The
     last scale is attended to but never read later, so block i writes it into [a_i + capacity, a_i + L),
     which is block i-1's region (block i-1 has finished the last scale) or, for block 0, a tail of
     p_{K-1}² positions. Attention then reads one strided view [a_i, a_i + end) without ``torch.cat``;
     memory is that of a cache that leaves the last scale out, plus one last scale for the whole model.
+    Positions come before heads, as in the qkv projection, so a scale's slot (R, l, H, D) is l·H·D
+    contiguous elements per row; attention reads (R, H, e, D) transposed views (cuDNN and flash
+    attention take any stride but the last).
     """
 
     def __init__(self, rows: int, config: VARConfig, dtype: torch.dtype, device: torch.device):
         last = config.tokens_per_scale[-1]
         self.capacity = config.total_tokens - last
         positions = config.depth * self.capacity + last
-        shape = (rows, config.heads, positions, config.head_dim)
-        self.keys_RHPD = torch.empty(shape, dtype=dtype, device=device)
-        self.values_RHPD = torch.empty(shape, dtype=dtype, device=device)
+        shape = (rows, positions, config.heads, config.head_dim)
+        self.keys_RPHD = torch.empty(shape, dtype=dtype, device=device)
+        self.values_RPHD = torch.empty(shape, dtype=dtype, device=device)
         self.offsets = tuple((config.depth - 1 - i) * self.capacity for i in range(config.depth))
 
-    def attend(self, block: int, start: int, q_RHlD: torch.Tensor, k_RHlD: torch.Tensor, v_RHlD: torch.Tensor
-               ) -> torch.Tensor:
-        """Store this scale's keys/values of ``block`` and attend (softmax scale 1) to positions [0, end)."""
-        base, end = self.offsets[block], start + k_RHlD.shape[2]
-        self.keys_RHPD[:, :, base + start:base + end] = k_RHlD
-        self.values_RHPD[:, :, base + start:base + end] = v_RHlD
-        keys_RHeD = self.keys_RHPD[:, :, base:base + end]
-        values_RHeD = self.values_RHPD[:, :, base:base + end]
+    def slots(self, block: int, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views (R, length, H, D) where ``block`` stores the keys and values of positions [start, start + length)."""
+        base = self.offsets[block] + start
+        return self.keys_RPHD[:, base:base + length], self.values_RPHD[:, base:base + length]
+
+    def attend(self, block: int, end: int, q_RHlD: torch.Tensor) -> torch.Tensor:
+        """Attention (softmax scale 1) of q (R, H, l, D) to the stored positions [0, end) of ``block``.
+
+        Returns (R, H, l, D) in q's memory layout (so a transposed view when q is one).
+        """
+        base = self.offsets[block]
+        keys_RHeD = self.keys_RPHD[:, base:base + end].transpose(1, 2)
+        values_RHeD = self.values_RPHD[:, base:base + end].transpose(1, 2)
         return F.scaled_dot_product_attention(q_RHlD, keys_RHeD, values_RHeD, scale=1.0)
 
     @staticmethod
@@ -449,10 +462,11 @@ class FastSampler:
       ``dtype`` (no autocast casts). A model in another dtype is copied, or converted in place with
       ``convert_in_place=True`` (saves the float32 copy's memory: 8 GB for d30).
     * AdaLN vectors of all blocks and the head are computed once per call, not per scale.
-    * :class:`ChainedKVCache`: preallocated, no ``torch.cat``, the last scale not cached.
+    * :class:`ChainedKVCache`: preallocated, no ``torch.cat``, the last scale not cached; laid out
+      (rows, positions, heads, head dim) and written by the q/k normalisation kernel (no separate copies).
     * No unconditional stream when every guidance weight is 0 (``cfg`` 0, or a single scale).
-    * ``compile`` (default: on CUDA): LayerNorm + modulation + residual, q/k normalisation and the
-      guidance mix run as torch.compile kernels with dynamic row/length sizes (one compile per model);
+    * ``compile`` (default: on CUDA): LayerNorm + modulation + residual, q/k normalisation with the
+      cache writes and the guidance mix run as torch.compile kernels with dynamic row/length sizes (one compile per model);
       fc1 + tanh-GELU use cuBLASLt's fused epilogue on CUDA.
     * ``cuda_graphs`` (default: on CUDA): batches of at most ``graph_max_batch`` samples run as one
       captured graph per power-of-two bucket (padding rows are dropped), which removes launch overhead.
@@ -717,8 +731,10 @@ class FastSampler:
         h_RlC = norm(x_RlC, mods[0].scale1, mods[0].shift1, eps, self.dtype)
         for i, (weights, mod) in enumerate(zip(self._blocks, mods)):
             qkv_RlE = self._rows_dynamic(F.linear(h_RlC, weights.qkv_weight, weights.qkv_bias))
-            q_RHlD, k_RHlD, v_RHlD = qkv_fn(qkv_RlE, weights.attn_scale_11H1, self.config.heads)
-            out_RHlD = state.cache.attend(i, start, q_RHlD, k_RHlD, v_RHlD)
+            keys_RlHD, values_RlHD = state.cache.slots(i, start, length)
+            q_RHlD = qkv_fn(qkv_RlE, weights.attn_scale_11H1, self._rows_dynamic(keys_RlHD),
+                            self._rows_dynamic(values_RlHD))
+            out_RHlD = state.cache.attend(i, start + length, q_RHlD)
             attn_RlC = F.linear(out_RHlD.transpose(1, 2).reshape(rows, length, -1), weights.proj_weight,
                                 weights.proj_bias)
             x_RlC, h_RlC = residual(x_RlC, self._rows_dynamic(attn_RlC), mod.gamma1, mod.scale2, mod.shift2, eps,

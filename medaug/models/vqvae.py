@@ -436,6 +436,53 @@ def fold_upsamples(decoder: nn.Sequential) -> nn.Sequential:
     return decoder
 
 
+class ChannelStatsGroupNorm(nn.Module):
+    """:class:`nn.GroupNorm` (inference) from per-channel statistics: the same function, fast on channels-last.
+
+    torch's GroupNorm views (B, C, H, W) as (B, G, C/G·H·W), which on channels-last memory is a gather
+    (compiled: each thread reads C/G channels every C elements). Here the mean and variance of each
+    channel over each of ``row_bands`` bands of rows (a reduction along memory with the channels
+    contiguous; bands give the GPU more outputs to work on) are combined exactly into group statistics
+    (the mean of the equal-count partial means; the mean of the partial variances plus the variance of
+    the partial means), and the output is one multiply-add per element with a (B, C) scale and shift,
+    computed in float32 and returned in the input's dtype and memory layout. Heights that ``row_bands``
+    does not divide use one band.
+    """
+
+    def __init__(self, norm: nn.GroupNorm, row_bands: int = 1):
+        super().__init__()
+        self.num_groups, self.eps, self.row_bands = norm.num_groups, norm.eps, row_bands
+        self.weight = nn.Parameter(norm.weight.detach().clone())
+        self.bias = nn.Parameter(norm.bias.detach().clone())
+
+    def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
+        batch, channels, height, width = x_BCHW.shape
+        bands = self.row_bands if height % self.row_bands == 0 else 1
+        x32_BCHW = x_BCHW.float()
+        x32_BCShW = x32_BCHW.view(batch, channels, bands, height // bands, width)  # (B, C, bands, H/bands, W)
+        var_BCS, mean_BCS = torch.var_mean(x32_BCShW, dim=(3, 4), correction=0)
+        mean_BGn = mean_BCS.reshape(batch, self.num_groups, -1)  # (B, G, C/G·bands) partial means
+        group_mean_BG1 = mean_BGn.mean(-1, keepdim=True)
+        spread_BGn = var_BCS.reshape_as(mean_BGn) + (mean_BGn - group_mean_BG1) ** 2
+        rstd_BG1 = torch.rsqrt(spread_BGn.mean(-1, keepdim=True) + self.eps)
+        per_group = channels // self.num_groups
+        scale_BC = rstd_BG1.expand(batch, self.num_groups, per_group).reshape(batch, channels) * self.weight.float()
+        mean_BC = group_mean_BG1.expand(batch, self.num_groups, per_group).reshape(batch, channels)
+        shift_BC = self.bias.float() - mean_BC * scale_BC
+        out_BCHW = x32_BCHW * scale_BC[:, :, None, None] + shift_BC[:, :, None, None]
+        return out_BCHW.to(x_BCHW.dtype)
+
+
+def channel_stats_group_norms(module: nn.Module, row_bands: int = 1) -> nn.Module:
+    """Replace every :class:`nn.GroupNorm` inside ``module`` by its :class:`ChannelStatsGroupNorm` (in place)."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.GroupNorm):
+            setattr(module, name, ChannelStatsGroupNorm(child, row_bands))
+        else:
+            channel_stats_group_norms(child, row_bands)
+    return module
+
+
 class _DecodePath(nn.Module):
     """post_quant_conv then the decoder: (B, latent_dim, h, h) → (B, C_img + S + 1, H, W)."""
 
@@ -460,6 +507,9 @@ class FastDecoder:
     dimension is dynamic, so one compile serves every batch size; a batch of one is padded to two).
     ``fold_upsample`` (default on CUDA) runs each nearest-×2 + 3×3 conv as one transposed conv
     (:class:`FoldedUpsample`: the same function, 10% fewer decoder FLOPs at 256²).
+    ``channel_stats_norm`` runs each GroupNorm from per-channel statistics (:class:`ChannelStatsGroupNorm`:
+    the same function, its reductions along channels-last memory; ``norm_row_bands`` bands of rows per
+    channel). Off by default until it is timed on the GPU (``benchmarks/sample.py --part a``).
     Batches are decoded in chunks of :meth:`chunk_size` images: on CUDA what fits in a third of the device's
     total memory (``max_chunk`` caps it), fixed for the decoder's life, so a batch's decode (and its
     convolution algorithms, picked per shape) does not depend on what else holds memory at the time (the
@@ -477,6 +527,8 @@ class FastDecoder:
         channels_last: bool | None = None,
         compile: bool | None = None,
         fold_upsample: bool | None = None,
+        channel_stats_norm: bool = False,
+        norm_row_bands: int = 1,
         max_chunk: int = 256,
     ):
         self.config = vqvae.config
@@ -484,11 +536,15 @@ class FastDecoder:
         cuda = self.device.type == "cuda"
         self.dtype = dtype or (torch.bfloat16 if cuda else torch.float32)
         self.channels_last = cuda if channels_last is None else channels_last
+        self.compiled = cuda if compile is None else compile
         self.max_chunk = max_chunk
         decoder = copy.deepcopy(vqvae.decoder)
         self.fold_upsample = cuda if fold_upsample is None else fold_upsample
         if self.fold_upsample:
             fold_upsamples(decoder)
+        self.channel_stats_norm = channel_stats_norm
+        if channel_stats_norm:
+            channel_stats_group_norms(decoder, norm_row_bands)
         path = _DecodePath(copy.deepcopy(vqvae.post_quant_conv), decoder).eval()
         path = path.to(self.dtype).requires_grad_(False)
         if self.channels_last:
@@ -496,7 +552,6 @@ class FastDecoder:
         self.path = path
         self._upsampler: CodeUpsampler | None = None
         self._chunk: int | None = None
-        self.compiled = cuda if compile is None else compile
         self._forward = torch.compile(path, dynamic=None) if self.compiled else path
         if cuda:
             torch.backends.cudnn.benchmark = True
@@ -570,7 +625,9 @@ __all__ = [
     "IGNORE_LABEL",
     "CodeUpsampler",
     "FastDecoder",
+    "ChannelStatsGroupNorm",
     "FoldedUpsample",
+    "channel_stats_group_norms",
     "VQVAEConfig",
     "VQVAE",
     "Encoder",

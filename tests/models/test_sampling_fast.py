@@ -13,6 +13,7 @@ from medaug.models.sampling import (
     FastSampler,
     generators_from_seeds,
     guidance_ramp,
+    normalized_qkv,
     sample_memory_bytes,
     sample_tokens,
 )
@@ -112,7 +113,7 @@ def test_chained_kv_cache_attends_like_concatenated_keys():
     config = _config(depth=3, patch_sides=(1, 2, 3))
     rows, heads, dim = 2, config.heads, config.head_dim
     cache = ChainedKVCache(rows, config, torch.float32, torch.device("cpu"))
-    assert cache.keys_RHPD.shape == (rows, heads, 3 * (1 + 4) + 9, dim)
+    assert cache.keys_RPHD.shape == (rows, 3 * (1 + 4) + 9, heads, dim)
     generator = torch.Generator().manual_seed(0)
     history = [([], []) for _ in range(config.depth)]
     for k, count in enumerate(config.tokens_per_scale):  # scale by scale, blocks in order, as the sampler
@@ -120,10 +121,28 @@ def test_chained_kv_cache_attends_like_concatenated_keys():
             q, key, value = (torch.randn(rows, heads, count, dim, generator=generator) for _ in range(3))
             history[block][0].append(key)
             history[block][1].append(value)
-            out = cache.attend(block, config.scale_starts[k], q, key, value)
+            keys_RlHD, values_RlHD = cache.slots(block, config.scale_starts[k], count)
+            keys_RlHD.copy_(key.transpose(1, 2))
+            values_RlHD.copy_(value.transpose(1, 2))
+            out = cache.attend(block, config.scale_starts[k] + count, q)
             keys, values = torch.cat(history[block][0], dim=2), torch.cat(history[block][1], dim=2)
             weights = torch.softmax(q @ keys.transpose(-1, -2), dim=-1)  # softmax scale 1
             torch.testing.assert_close(out, weights @ values, rtol=1e-5, atol=1e-5, msg=f"scale {k} block {block}")
+
+
+def test_normalized_qkv_writes_unit_keys_and_values_into_cache_slots():
+    rows, length, heads, dim = 2, 3, 4, 8
+    generator = torch.Generator().manual_seed(1)
+    qkv_RlE = torch.randn(rows, length, 3 * heads * dim, generator=generator)
+    scale_11H1 = torch.rand(1, 1, heads, 1, generator=generator) + 1.0
+    keys_RPHD, values_RPHD = torch.full((2, rows, 7, heads, dim), float("nan")).unbind(0)
+    q_RHlD = normalized_qkv(qkv_RlE, scale_11H1, keys_RPHD[:, 2:5], values_RPHD[:, 2:5])
+    q_ref, k_ref, v_ref = qkv_RlE.view(rows, length, 3, heads, dim).unbind(2)  # each (R, l, H, D)
+    unit = lambda x: x / x.norm(dim=-1, keepdim=True)  # noqa: E731
+    torch.testing.assert_close(q_RHlD, (unit(q_ref) * scale_11H1).transpose(1, 2))
+    torch.testing.assert_close(keys_RPHD[:, 2:5], unit(k_ref))
+    assert torch.equal(values_RPHD[:, 2:5], v_ref)
+    assert keys_RPHD[:, [0, 1, 5, 6]].isnan().all() and values_RPHD[:, [0, 1, 5, 6]].isnan().all()
 
 
 def test_memory_estimate_counts_the_cache_of_both_streams():
@@ -240,3 +259,39 @@ def test_code_upsampler_is_the_quantizers_bicubic_path():
                                        quantizer.scale_contribution(indices_Bpp, k), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(upsampler.features(indices), quantizer.indices_to_features(indices),
                                    rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("channels_last", "row_bands"), [(False, 1), (True, 1), (True, 5), (True, 2)],
+                         ids=["nchw", "channels-last", "channels-last-5-bands", "2-bands-fall-back-to-1"])
+def test_channel_stats_group_norm_is_group_norm(channels_last, row_bands):
+    from medaug.models.vqvae import ChannelStatsGroupNorm
+
+    generator = torch.Generator().manual_seed(10)
+    norm = torch.nn.GroupNorm(4, 12, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(12, generator=generator))
+        norm.bias.copy_(torch.randn(12, generator=generator))
+    # per-channel offsets and spreads, so group statistics differ from any channel's
+    x_BCHW = torch.randn(3, 12, 5, 7, generator=generator) * torch.rand(1, 12, 1, 1, generator=generator) * 4
+    x_BCHW = x_BCHW + torch.randn(1, 12, 1, 1, generator=generator) * 3
+    if channels_last:
+        x_BCHW = x_BCHW.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        out = ChannelStatsGroupNorm(norm, row_bands)(x_BCHW)
+        expected = F.group_norm(x_BCHW.double(), 4, norm.weight.double(), norm.bias.double(), eps=1e-6)
+    assert out.dtype == torch.float32 and out.is_contiguous(memory_format=torch.channels_last) == channels_last
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_fast_decoder_with_channel_stats_norms_matches_decode():
+    vqvae = _vqvae()
+    f_hat_BCHW = torch.randn(2, 8, 4, 4, generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        image_ref, logits_ref = vqvae.decode(f_hat_BCHW)
+    decoder = FastDecoder(vqvae, compile=False, channels_last=True, channel_stats_norm=True)
+    norms = [m.__class__.__name__ for m in decoder.path.modules() if "GroupNorm" in m.__class__.__name__]
+    assert norms and set(norms) == {"ChannelStatsGroupNorm"}
+    assert len(norms) == sum(isinstance(m, torch.nn.GroupNorm) for m in vqvae.decoder.modules())
+    image_BCHW, logits_BKHW = decoder.decode(f_hat_BCHW)
+    torch.testing.assert_close(image_BCHW, image_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(logits_BKHW, logits_ref, rtol=1e-4, atol=1e-4)
