@@ -434,15 +434,8 @@ def ablation_rows(sampler, decoder, quantizer, device, flops_image, deadline) ->
         rows.append({"variant": "profile_fast_tokens_256",
                      "kernels": profile_top(lambda: run_fast(sampler, None, quantizer, condition, seeds), device,
                                             top=25)})
-        rows.append(measure("fast_flash_attention", 256, device, flops_image,
-                            lambda c, s: flash_only(lambda: run_fast(sampler, None, quantizer, c, s)),
-                            lambda c, s: flash_only(lambda: run_fast(sampler, decoder, quantizer, c, s))))
-        sampler.graph_max_batch = 256
-        rows.append(measure("fast_graph_256", 256, device, flops_image,
-                            lambda c, s: run_fast(sampler, None, quantizer, c, s),
-                            lambda c, s: run_fast(sampler, decoder, quantizer, c, s)))
-        sampler.graph_max_batch = 64
-        sampler.clear_graphs()
+        rows.append(flash_row(sampler, decoder, quantizer, device, flops_image, 256))
+        rows.append(no_graph_row(sampler, decoder, quantizer, device, flops_image, 256))
         free_memory(device)
     if left(deadline) > 40:
         sampler.cuda_graphs = False
@@ -457,6 +450,27 @@ def ablation_rows(sampler, decoder, quantizer, device, flops_image, deadline) ->
                             lambda c, s: run_fast(eager, None, quantizer, c, s), None))
     free_memory(device)
     return rows
+
+
+def no_graph_row(sampler, decoder, quantizer, device, flops_image, batch: int) -> dict[str, Any]:
+    """``batch`` without its CUDA graph (eager launches of the compiled functions), graphs restored after."""
+    limit, sampler.graph_max_batch = sampler.graph_max_batch, batch - 1
+    try:
+        return measure("fast_no_graph", batch, device, flops_image,
+                       lambda c, s: run_fast(sampler, None, quantizer, c, s),
+                       lambda c, s: run_fast(sampler, decoder, quantizer, c, s))
+    finally:
+        sampler.graph_max_batch = limit
+
+
+def flash_row(sampler, decoder, quantizer, device, flops_image, batch: int) -> dict[str, Any]:
+    """``batch`` with SDPA on the flash backend; the graphs are captured again inside it, then dropped."""
+    sampler.clear_graphs()
+    row = measure("fast_flash_attention", batch, device, flops_image,
+                  lambda c, s: flash_only(lambda: run_fast(sampler, None, quantizer, c, s)),
+                  lambda c, s: flash_only(lambda: run_fast(sampler, decoder, quantizer, c, s)))
+    sampler.clear_graphs()
+    return row
 
 
 def flash_only(function: Callable[[], Any]) -> Any:
@@ -649,6 +663,77 @@ def part_s(report: Report, device: torch.device, smoke: bool, deadline: float) -
         guarded(report, "decoder_max_autotune", lambda: decoder_autotune(vqvae, device, 256, 5))
 
 
+def part_f(report: Report, device: torch.device, smoke: bool, deadline: float) -> None:
+    """What ``medaug synthesize`` runs, with every default as shipped: the decoder alone at 256 (whole
+    batch and chunks of 128); d16 at 1, 16, 64, 256 with decode; at 256 without its CUDA graph (with a
+    kernel profile), with flash attention, and streamed (decode behind the next batch); d30 at 256, 1,
+    16, 64. No correctness section: part a checks the same code."""
+    guarded(report, "ceilings", lambda: ceilings(device, smoke))
+    var, vqvae = build_models("d16", device, smoke)
+    decoder, quantizer = FastDecoder(vqvae), vqvae.quantizer
+    batch = 256 if not smoke else 4
+    guarded(report, "decoder_alone", lambda: decoder_chunks(vqvae, decoder, device, batch, 5 if not smoke else 1))
+    sampler = FastSampler(var, quantizer, convert_in_place=True)
+    flops_image = var.config.flops_per_token(False) * var.config.total_tokens * 2
+    rows: list[dict] = []
+
+    def fast_rows() -> list[dict]:
+        for size in (1, 16, 64, 256) if not smoke else (1, 2, 4):
+            rows.append(measure("fast", size, device, flops_image,
+                                lambda c, s: run_fast(sampler, None, quantizer, c, s),
+                                lambda c, s: run_fast(sampler, decoder, quantizer, c, s)))
+            rows[-1]["memory_estimate_gb"] = round(sample_memory_bytes(var.config, True, SETTINGS["top_k"]) * size
+                                                   / 1e9, 2)
+            rows[-1]["graph_captured"] = sampler._captured_rows(sampler.settings(**SETTINGS)) >= size
+        return rows
+
+    guarded(report, "sampling_d16", fast_rows)
+    guarded(report, "streamed_d16",
+            lambda: streamed_rows(sampler, decoder, quantizer, device, batch, 8 if not smoke else 2))
+    sampler.clear_graphs()
+    free_memory(device)
+    if left(deadline) > 90:
+        guarded(report, "no_graph_d16", lambda: no_graph_row(sampler, decoder, quantizer, device, flops_image, batch))
+        condition, seeds = conditions(batch, device, seed=batch), list(range(batch))
+        limit, sampler.graph_max_batch = sampler.graph_max_batch, batch - 1
+        guarded(report, "profile_tokens_d16_no_graph",
+                lambda: profile_top(lambda: run_fast(sampler, None, quantizer, condition, seeds), device, top=25))
+        sampler.graph_max_batch = limit
+    if left(deadline) > 90 and device.type == "cuda":
+        guarded(report, "flash_d16", lambda: flash_row(sampler, decoder, quantizer, device, flops_image, batch))
+    del sampler, var, decoder
+    free_memory(device)
+    if left(deadline) > 120:
+        var, vqvae = build_models("d30", device, smoke)
+        decoder = FastDecoder(vqvae)
+        guarded(report, "sampling_d30", lambda: sampling_rows(var, vqvae, decoder, device,
+                                                              (256, 1, 16, 64) if not smoke else (4, 1), deadline))
+
+
+@torch.no_grad()
+def decoder_chunks(vqvae: VQVAE, decoder: FastDecoder, device: torch.device, batch: int, reps: int) -> dict[str, Any]:
+    """The default decoder alone at ``batch``: one call, and the batch in chunks of half (the chunk is set
+    by hand), with the kernel profile of the whole-batch call."""
+    generator = torch.Generator().manual_seed(3)
+    indices = [torch.randint(vqvae.quantizer.config.codebook_size, (batch, s, s), generator=generator).to(device)
+               for s in vqvae.quantizer.patch_sides]
+    f_hat_BCHW = vqvae.quantizer.indices_to_features(indices)
+    flops = decoder_flops(vqvae, f_hat_BCHW[:1])
+    result: dict[str, Any] = {"batch": batch, "flops_per_image": flops, "channel_stats_norm": decoder.channel_stats_norm}
+    for name, chunk in (("whole_batch", batch), ("half_batch_chunks", max(1, batch // 2))):
+        decoder._chunk = chunk
+        start = time.perf_counter()
+        decoder.decode(f_hat_BCHW)
+        sync(device)
+        warm_s = time.perf_counter() - start
+        seconds = timed(lambda: decoder.decode(f_hat_BCHW), device, reps)
+        result[name] = {"images_per_s": round(batch / seconds, 1), "first_call_s": round(warm_s, 1),
+                        "utilisation": round(flops * batch / seconds / BF16_RATE, 3)}
+    decoder._chunk = None
+    result["profile"] = profile_top(lambda: decoder.decode(f_hat_BCHW), device, top=25)
+    return result
+
+
 def part_p(report: Report, device: torch.device, smoke: bool, deadline: float) -> None:
     """Kernel profiles only (what to speed up next): d16 tokens at batch 256 and the decoder at batch 256."""
     var, vqvae = build_models("d16", device, smoke)
@@ -669,8 +754,9 @@ def part_p(report: Report, device: torch.device, smoke: bool, deadline: float) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=("a", "b", "s", "p"), required=True, help="a: d16, b: d30, s: streamed "
-                        "d16 and the max-autotune decoder, p: kernel profiles of d16 tokens and the decoder")
+    parser.add_argument("--part", choices=("a", "b", "s", "p", "f"), required=True, help="a: d16, b: d30, s: streamed "
+                        "d16 and the max-autotune decoder, p: kernel profiles of d16 tokens and the decoder, "
+                        "f: the shipped defaults, d16 then d30 (part_f)")
     parser.add_argument("--smoke", action="store_true", help="tiny models (checks the script on the CPU)")
     parser.add_argument("--deadline-s", type=float, default=480.0, help="skip what would not finish by then")
     parser.add_argument("--json-out", type=Path, default=None)
@@ -682,7 +768,7 @@ def main() -> None:
                     settings=SETTINGS, machine=common.machine(gpu=gpu, torch=torch.__version__,
                                                               python=platform.python_version()),
                     commit=os.environ.get("MEDAUG_COMMIT") or common.commit()["commit"])
-    {"a": part_a, "b": part_b, "s": part_s, "p": part_p}[args.part](report, device, args.smoke, args.deadline_s)
+    {"a": part_a, "b": part_b, "s": part_s, "p": part_p, "f": part_f}[args.part](report, device, args.smoke, args.deadline_s)
     report.put("wall_s", round(time.perf_counter() - START, 1))
 
 

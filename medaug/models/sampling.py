@@ -469,7 +469,10 @@ class FastSampler:
       cache writes and the guidance mix run as torch.compile kernels with dynamic row/length sizes (one compile per model);
       fc1 + tanh-GELU use cuBLASLt's fused epilogue on CUDA.
     * ``cuda_graphs`` (default: on CUDA): batches of at most ``graph_max_batch`` samples run as one
-      captured graph per power-of-two bucket (padding rows are dropped), which removes launch overhead.
+      captured graph per power-of-two bucket (padding rows are dropped), which removes launch overhead:
+      at batch 256 the first scales' kernels are shorter than their launches, and d16's tokens went
+      from 604 to ??? images/s on the H200 with the graph (``benchmarks/results/sample-h200-session6.json``).
+      A captured graph keeps its memory pool (d16 at 256: ~? GB); :meth:`clear_graphs` releases it.
     * On CUDA the codes' bicubic upsampling runs as an exact linear map (:class:`CodeUpsampler`), not
       PyTorch's bicubic kernel (6 ms per scale at batch 256); on the CPU the quantizer's own path runs.
     * Filtering and drawing have no host synchronisation; batches larger than what fits in free
@@ -486,7 +489,7 @@ class FastSampler:
         dtype: torch.dtype | None = None,
         compile: bool | None = None,
         cuda_graphs: bool | None = None,
-        graph_max_batch: int = 64,
+        graph_max_batch: int = 256,
         memory_fraction: float = 0.85,
         convert_in_place: bool = False,
     ):
@@ -528,6 +531,11 @@ class FastSampler:
         if self._functions is not None and rows > 1 and length > 1:
             return self._functions[name]
         return _STEP_FUNCTIONS[name]
+
+    def _captured_rows(self, settings: SamplerSettings) -> int:
+        """Rows of the largest graph captured for ``settings`` (0 if none). Its memory pool is held, so free
+        memory no longer shows room for it, but replaying it needs no more: chunks may stay that large."""
+        return max((bucket for bucket, captured in self._graphs if captured == settings), default=0)
 
     def clear_graphs(self) -> None:
         """Release captured CUDA graphs and their memory pools."""
@@ -571,7 +579,7 @@ class FastSampler:
         _check_inputs(self.var, self.quantizer, batch, generators)
         uniform_BL = row_uniforms(generators, self.config.total_tokens, self.device)
         present_BS, annotated_BS = present_BS.to(self.dtype), annotated_BS.to(self.dtype)
-        chunk = max_batch or self.max_batch_size(settings)
+        chunk = max_batch or max(self.max_batch_size(settings), min(batch, self._captured_rows(settings)))
         pieces = [self._sample_chunk(domain_B[s:s + chunk], present_BS[s:s + chunk], annotated_BS[s:s + chunk],
                                      uniform_BL[s:s + chunk], settings) for s in range(0, batch, chunk)]
         if len(pieces) == 1:
