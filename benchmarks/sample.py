@@ -710,6 +710,52 @@ def part_f(report: Report, device: torch.device, smoke: bool, deadline: float) -
                                                               (256, 1, 16, 64) if not smoke else (4, 1), deadline))
 
 
+def part_d(report: Report, device: torch.device, smoke: bool, deadline: float) -> None:
+    """Where ``FastDecoder.channel_stats_min_batch`` belongs (both GroupNorm paths at batch 1..256), then
+    d16 at batch 1 and 256 and d30 at 256 and 64 with every default (CUDA graphs up to
+    ``default_graph_max_batch``, the decoder switching paths by chunk size)."""
+    var, vqvae = build_models("d16", device, smoke)
+    batches = (1, 2, 4, 8, 16, 32, 64, 128, 256) if not smoke else (1, 2, 4)
+    guarded(report, "decoder_by_batch", lambda: decoder_by_batch(vqvae, device, batches, deadline))
+    decoder = FastDecoder(vqvae)
+    guarded(report, "sampling_d16", lambda: sampling_rows(var, vqvae, decoder, device, (1, 256) if not smoke else (1, 4),
+                                                          deadline))
+    del var, vqvae, decoder
+    free_memory(device)
+    if left(deadline) > 100:
+        var, vqvae = build_models("d30", device, smoke)
+        guarded(report, "sampling_d30", lambda: sampling_rows(var, vqvae, FastDecoder(vqvae), device,
+                                                              (256, 64) if not smoke else (4, 1), deadline))
+
+
+@torch.no_grad()
+def decoder_by_batch(vqvae: VQVAE, device: torch.device, batches: tuple[int, ...], deadline: float) -> dict[str, Any]:
+    """ms per decode of ``batch`` images with the per-channel-statistics GroupNorm and with torch's, each
+    compiled (dynamic batch) and warmed at every size first."""
+    generator = torch.Generator().manual_seed(3)
+    largest = max(batches)
+    indices = [torch.randint(vqvae.quantizer.config.codebook_size, (largest, s, s), generator=generator).to(device)
+               for s in vqvae.quantizer.patch_sides]
+    f_hat_BCHW = vqvae.quantizer.indices_to_features(indices)
+    result: dict[str, Any] = {}
+    for name, stats in (("channel_stats", True), ("torch_group_norm", False)):
+        decoder = FastDecoder(vqvae, channel_stats_norm=stats, channel_stats_min_batch=1)
+        start = time.perf_counter()
+        for batch in batches:
+            decoder.decode(f_hat_BCHW[:batch])
+        sync(device)
+        rows = {"first_calls_s": round(time.perf_counter() - start, 1)}
+        for batch in batches:
+            if left(deadline) < 20:
+                break
+            seconds = timed(lambda: decoder.decode(f_hat_BCHW[:batch]), device, 10 if batch <= 16 else 3)
+            rows[str(batch)] = {"ms": round(1000 * seconds, 2), "images_per_s": round(batch / seconds, 1)}
+        result[name] = rows
+        del decoder
+        free_memory(device)
+    return result
+
+
 @torch.no_grad()
 def decoder_chunks(vqvae: VQVAE, decoder: FastDecoder, device: torch.device, batch: int, reps: int) -> dict[str, Any]:
     """The default decoder alone at ``batch``: one call, and the batch in chunks of half (the chunk is set
@@ -754,9 +800,10 @@ def part_p(report: Report, device: torch.device, smoke: bool, deadline: float) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=("a", "b", "s", "p", "f"), required=True, help="a: d16, b: d30, s: streamed "
+    parser.add_argument("--part", choices=("a", "b", "s", "p", "f", "d"), required=True, help="a: d16, b: d30, s: streamed "
                         "d16 and the max-autotune decoder, p: kernel profiles of d16 tokens and the decoder, "
-                        "f: the shipped defaults, d16 then d30 (part_f)")
+                        "f: the shipped defaults, d16 then d30 (part_f), d: decoder by batch size, then d16 and d30 "
+                        "(part_d)")
     parser.add_argument("--smoke", action="store_true", help="tiny models (checks the script on the CPU)")
     parser.add_argument("--deadline-s", type=float, default=480.0, help="skip what would not finish by then")
     parser.add_argument("--json-out", type=Path, default=None)
@@ -768,7 +815,7 @@ def main() -> None:
                     settings=SETTINGS, machine=common.machine(gpu=gpu, torch=torch.__version__,
                                                               python=platform.python_version()),
                     commit=os.environ.get("MEDAUG_COMMIT") or common.commit()["commit"])
-    {"a": part_a, "b": part_b, "s": part_s, "p": part_p, "f": part_f}[args.part](report, device, args.smoke, args.deadline_s)
+    {"a": part_a, "b": part_b, "s": part_s, "p": part_p, "f": part_f, "d": part_d}[args.part](report, device, args.smoke, args.deadline_s)
     report.put("wall_s", round(time.perf_counter() - START, 1))
 
 

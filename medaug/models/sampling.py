@@ -430,6 +430,13 @@ def sample_memory_bytes(config: VARConfig, guided: bool, top_k: int, itemsize: i
     return cache + activations + logits + filtered
 
 
+def default_graph_max_batch(config: VARConfig) -> int:
+    """The largest power of two ≤ 256·(1024 / width)² (d16: 256, d20: 128, d24 and d30: 64): CUDA graphs
+    pay while launches are long against kernels, i.e. up to a fixed work per scale, not a fixed batch."""
+    limit = max(1, int(256 * (1024 / config.width) ** 2))
+    return 1 << (limit.bit_length() - 1)
+
+
 def _free_device_bytes(device: torch.device) -> int:
     """Free bytes on a CUDA device, counting memory the caching allocator holds but does not use."""
     free, _ = torch.cuda.mem_get_info(device)
@@ -469,10 +476,12 @@ class FastSampler:
       cache writes and the guidance mix run as torch.compile kernels with dynamic row/length sizes (one compile per model);
       fc1 + tanh-GELU use cuBLASLt's fused epilogue on CUDA.
     * ``cuda_graphs`` (default: on CUDA): batches of at most ``graph_max_batch`` samples run as one
-      captured graph per power-of-two bucket (padding rows are dropped), which removes launch overhead:
-      at batch 256 the first scales' kernels are shorter than their launches, and d16's tokens went
-      from 604 to ??? images/s on the H200 with the graph (``benchmarks/results/sample-h200-session6.json``).
-      A captured graph keeps its memory pool (d16 at 256: ~? GB); :meth:`clear_graphs` releases it.
+      captured graph per power-of-two bucket (padding rows are dropped), which removes launch overhead
+      (the first scales' kernels are shorter than their launches). The default ``graph_max_batch``
+      (:func:`default_graph_max_batch`) scales with the work per launch: d16 up to 256 (its tokens went
+      from 557 to 695 images/s at batch 256 on the H200), d30 up to 64 (at 256 the graph gained nothing,
+      125 images/s either way, and its held pool raised the memory reserved from 68 to 108 GB;
+      ``benchmarks/results/sample-h200-session6.json``). :meth:`clear_graphs` releases the pools.
     * On CUDA the codes' bicubic upsampling runs as an exact linear map (:class:`CodeUpsampler`), not
       PyTorch's bicubic kernel (6 ms per scale at batch 256); on the CPU the quantizer's own path runs.
     * Filtering and drawing have no host synchronisation; batches larger than what fits in free
@@ -489,7 +498,7 @@ class FastSampler:
         dtype: torch.dtype | None = None,
         compile: bool | None = None,
         cuda_graphs: bool | None = None,
-        graph_max_batch: int = 256,
+        graph_max_batch: int | None = None,
         memory_fraction: float = 0.85,
         convert_in_place: bool = False,
     ):
@@ -502,7 +511,7 @@ class FastSampler:
         self.residual_dtype = torch.float32
         self.compiled = cuda if compile is None else compile
         self.cuda_graphs = (cuda if cuda_graphs is None else cuda_graphs) and cuda
-        self.graph_max_batch = graph_max_batch
+        self.graph_max_batch = default_graph_max_batch(var.config) if graph_max_batch is None else graph_max_batch
         self.memory_fraction = memory_fraction
         self.fused_gelu = cuda
         self._blocks = [_block_weights(block) for block in self.var.blocks]
@@ -792,6 +801,7 @@ __all__ = [
     "SampledScales",
     "SamplerSettings",
     "check_settings",
+    "default_graph_max_batch",
     "draw_tokens",
     "filter_probs",
     "generators_from_seeds",

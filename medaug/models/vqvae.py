@@ -31,7 +31,7 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -510,7 +510,10 @@ class FastDecoder:
     ``channel_stats_norm`` runs each GroupNorm from per-channel statistics (:class:`ChannelStatsGroupNorm`:
     the same function, its reductions along channels-last memory; ``norm_row_bands`` bands of rows per
     channel; default on CUDA: at batch 256 on the H200 the compiled decoder made 974 images/s with it
-    against 824 with torch's GroupNorm, 861 with 16 bands; ``results/sample-h200-session6.json``).
+    against 824 with torch's GroupNorm, 861 with 16 bands; ``results/sample-h200-session6.json``) for
+    chunks of at least ``channel_stats_min_batch`` images; smaller chunks run a second copy with torch's
+    GroupNorm (at batch 1, padded to 2, the per-channel path has too few reductions to fill the GPU:
+    one d16 image took 24.3 ms with it against 17.3 ms without).
     Batches are decoded in chunks of :meth:`chunk_size` images: on CUDA what fits in a third of the device's
     total memory (``max_chunk`` caps it), fixed for the decoder's life, so a batch's decode (and its
     convolution algorithms, picked per shape) does not depend on what else holds memory at the time (the
@@ -530,6 +533,7 @@ class FastDecoder:
         fold_upsample: bool | None = None,
         channel_stats_norm: bool | None = None,
         norm_row_bands: int = 1,
+        channel_stats_min_batch: int = 32,
         max_chunk: int = 256,
     ):
         self.config = vqvae.config
@@ -539,23 +543,31 @@ class FastDecoder:
         self.channels_last = cuda if channels_last is None else channels_last
         self.compiled = cuda if compile is None else compile
         self.max_chunk = max_chunk
-        decoder = copy.deepcopy(vqvae.decoder)
         self.fold_upsample = cuda if fold_upsample is None else fold_upsample
-        if self.fold_upsample:
-            fold_upsamples(decoder)
         self.channel_stats_norm = cuda if channel_stats_norm is None else channel_stats_norm
-        if self.channel_stats_norm:
-            channel_stats_group_norms(decoder, norm_row_bands)
-        path = _DecodePath(copy.deepcopy(vqvae.post_quant_conv), decoder).eval()
-        path = path.to(self.dtype).requires_grad_(False)
-        if self.channels_last:
-            path = path.to(memory_format=torch.channels_last)
-        self.path = path
+        self.channel_stats_min_batch = channel_stats_min_batch
+        self.path = self._decode_path(vqvae, None)
+        self.stats_path = self._decode_path(vqvae, norm_row_bands) if self.channel_stats_norm else None
         self._upsampler: CodeUpsampler | None = None
         self._chunk: int | None = None
-        self._forward = torch.compile(path, dynamic=None) if self.compiled else path
+        self._forward = torch.compile(self.path, dynamic=None) if self.compiled else self.path
+        self._stats_forward = None
+        if self.stats_path is not None:
+            self._stats_forward = torch.compile(self.stats_path, dynamic=None) if self.compiled else self.stats_path
         if cuda:
             torch.backends.cudnn.benchmark = True
+
+    def _decode_path(self, vqvae: VQVAE, row_bands: int | None) -> _DecodePath:
+        """A copy of the decode path in ``dtype`` (upsamples folded if set); with ``row_bands``, its GroupNorms
+        computed from per-channel statistics."""
+        decoder = copy.deepcopy(vqvae.decoder)
+        if self.fold_upsample:
+            fold_upsamples(decoder)
+        if row_bands is not None:
+            channel_stats_group_norms(decoder, row_bands)
+        path = _DecodePath(copy.deepcopy(vqvae.post_quant_conv), decoder).eval()
+        path = path.to(self.dtype).requires_grad_(False)
+        return path.to(memory_format=torch.channels_last) if self.channels_last else path
 
     def chunk_size(self) -> int:
         """Images per decoder call (class docstring): at most ``max_chunk``; on CUDA what fits in a third of
@@ -602,7 +614,14 @@ class FastDecoder:
             x_BCHW = x_BCHW.contiguous(memory_format=torch.channels_last)
         if self.compiled:
             torch._dynamo.maybe_mark_dynamic(x_BCHW, 0)
-        return self._forward(x_BCHW)[:batch]
+        return self._forward_for(batch)(x_BCHW)[:batch]
+
+    def _forward_for(self, batch: int) -> Any:
+        """The (compiled) decode path for a chunk of ``batch`` images: per-channel statistics from
+        ``channel_stats_min_batch`` images on, torch's GroupNorm below."""
+        if self._stats_forward is not None and batch >= self.channel_stats_min_batch:
+            return self._stats_forward
+        return self._forward
 
     @torch.no_grad()
     def indices_to_img(

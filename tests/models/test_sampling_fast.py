@@ -288,10 +288,28 @@ def test_fast_decoder_with_channel_stats_norms_matches_decode():
     f_hat_BCHW = torch.randn(2, 8, 4, 4, generator=torch.Generator().manual_seed(11))
     with torch.no_grad():
         image_ref, logits_ref = vqvae.decode(f_hat_BCHW)
-    decoder = FastDecoder(vqvae, compile=False, channels_last=True, channel_stats_norm=True)
-    norms = [m.__class__.__name__ for m in decoder.path.modules() if "GroupNorm" in m.__class__.__name__]
+    decoder = FastDecoder(vqvae, compile=False, channels_last=True, channel_stats_norm=True, channel_stats_min_batch=2)
+    norms = [m.__class__.__name__ for m in decoder.stats_path.modules() if "GroupNorm" in m.__class__.__name__]
     assert norms and set(norms) == {"ChannelStatsGroupNorm"}
     assert len(norms) == sum(isinstance(m, torch.nn.GroupNorm) for m in vqvae.decoder.modules())
     image_BCHW, logits_BKHW = decoder.decode(f_hat_BCHW)
     torch.testing.assert_close(image_BCHW, image_ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(logits_BKHW, logits_ref, rtol=1e-4, atol=1e-4)
+    # a chunk below channel_stats_min_batch runs the copy with torch's GroupNorm: the same function
+    assert decoder._forward_for(2) is decoder.stats_path and decoder._forward_for(1) is decoder.path
+    assert {m.__class__.__name__ for m in decoder.path.modules() if "GroupNorm" in m.__class__.__name__} == {"GroupNorm"}
+    image_one, logits_one = decoder.decode(f_hat_BCHW[:1])
+    torch.testing.assert_close(image_one, image_ref[:1], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(logits_one, logits_ref[:1], rtol=1e-4, atol=1e-4)
+
+
+def test_default_graph_limit_scales_with_the_work_per_launch():
+    from medaug.models.sampling import default_graph_max_batch
+    from medaug.models.var import var_preset
+
+    limits = {name: default_graph_max_batch(var_preset(name)) for name in ("d16", "d20", "d24", "d30")}
+    for name, limit in limits.items():
+        width = var_preset(name).width
+        assert limit & (limit - 1) == 0  # a power of two: one graph bucket
+        assert limit * width**2 <= 256 * 1024**2 < 2 * limit * width**2
+    assert limits["d16"] == 256 and limits["d30"] == 64
