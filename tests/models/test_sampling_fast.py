@@ -296,7 +296,7 @@ def test_fast_decoder_with_channel_stats_norms_matches_decode():
     torch.testing.assert_close(image_BCHW, image_ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(logits_BKHW, logits_ref, rtol=1e-4, atol=1e-4)
     # a chunk below channel_stats_min_batch runs the copy with torch's GroupNorm: the same function
-    assert decoder._forward_for(2) is decoder.stats_path and decoder._forward_for(1) is decoder.path
+    assert decoder._path_for(1) == (decoder.path, 1)
     assert {m.__class__.__name__ for m in decoder.path.modules() if "GroupNorm" in m.__class__.__name__} == {"GroupNorm"}
     image_one, logits_one = decoder.decode(f_hat_BCHW[:1])
     torch.testing.assert_close(image_one, image_ref[:1], rtol=1e-4, atol=1e-4)
@@ -313,3 +313,28 @@ def test_default_graph_limit_scales_with_the_work_per_launch():
         assert limit & (limit - 1) == 0  # a power of two: one graph bucket
         assert limit * width**2 <= 256 * 1024**2 < 2 * limit * width**2
     assert limits["d16"] == 256 and limits["d30"] == 64
+
+
+def test_fast_decoder_pads_a_small_chunk_onto_the_compiled_statistics_path():
+    vqvae = _vqvae()
+    f_hat_BCHW = torch.randn(4, 8, 4, 4, generator=torch.Generator().manual_seed(12))
+    with torch.no_grad():
+        image_ref, logits_ref = vqvae.decode(f_hat_BCHW)
+
+    def fresh() -> FastDecoder:
+        decoder = FastDecoder(vqvae, compile=False, channels_last=True, channel_stats_norm=True, channel_stats_min_batch=4)
+        decoder.compiled = True  # the path choice of a compiled decoder, on eager modules
+        return decoder
+
+    decoder = fresh()  # a full chunk first: the statistics path serves the small chunk, padded to 4 rows
+    assert decoder._path_for(4) == (decoder.stats_path, 4)
+    assert decoder._path_for(3) == (decoder.stats_path, 4) and decoder._path_for(1) == (decoder.stats_path, 4)
+    for rows in (4, 3, 1):
+        image_BCHW, logits_BKHW = decoder.decode(f_hat_BCHW[:rows])
+        torch.testing.assert_close(image_BCHW, image_ref[:rows], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(logits_BKHW, logits_ref[:rows], rtol=1e-4, atol=1e-4)
+    decoder = fresh()  # a single image first: torch's GroupNorm (padded to 2), and it stays so for small chunks
+    assert decoder._path_for(1) == (decoder.path, 2) and decoder._path_for(3) == (decoder.path, 3)
+    assert decoder._path_for(4) == (decoder.stats_path, 4) and decoder._path_for(2) == (decoder.path, 2)
+    image_BCHW, _ = decoder.decode(f_hat_BCHW[:1])
+    torch.testing.assert_close(image_BCHW, image_ref[:1], rtol=1e-4, atol=1e-4)
