@@ -251,6 +251,10 @@ summary = {
         "generate_and_export_s": synth["timing"]["seconds_rank0"],
         "stage_seconds": synth["timing"].get("stage_seconds_rank0"),
         "images_per_s": round(synth["samples"] / max(synth["timing"]["seconds_rank0"], 1e-9), 1),
+        "first_batch_s": synth["timing"].get("first_batch_seconds_rank0"),
+        "images_per_s_after_first_batch": round(
+            (synth["samples"] - synth["timing"].get("first_batch_samples_rank0", 0))
+            / max(synth["timing"]["seconds_rank0"] - synth["timing"].get("first_batch_seconds_rank0", 0), 1e-9), 1),
         "adherence": synth.get("adherence", {}).get("targets")},
     "features": None if features is None else {"step": features.get("step"), "evaluation": features.get("evaluation")},
     "metrics": metrics,

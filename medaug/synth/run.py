@@ -90,6 +90,8 @@ class SynthesisResult:
     generated: int = 0
     skipped_batches: int = 0
     seconds: float = 0.0
+    first_batch_seconds: float = 0.0  # until the first batch was generated: loading, compiling, graph capture
+    first_batch_samples: int = 0
     stage_seconds: dict[str, float] = field(default_factory=lambda: {"generate": 0.0, "export": 0.0, "record": 0.0})
 
 
@@ -258,6 +260,8 @@ def generate_batches(generator: SynthGenerator, plan: Plan, out: Path, export: E
                 queued = submit(pending[position + 1]) if ahead else None
                 tick = clock()
                 batch = waiting.result()
+                if position == 0:
+                    result.first_batch_seconds, result.first_batch_samples = clock() - start, len(samples)
                 samples, draws = redraw_missing(generator, samples, batch, plan.request.sampling, plan.request.redraws)
                 for row, sample in enumerate(samples):  # past a domain's channels the shard holds zeros, as prepare's
                     batch.image_BCHW[row, len(generator.domains[sample.domain]["channels"]):] = 0.0
@@ -448,6 +452,8 @@ def finalize(out: Path, plan: Plan, generator: SynthGenerator, export: ExportSet
     summary = {**state, "status": STATUS_COMPLETE, "finished_at": _now(), "samples": table.num_rows,
                "adherence": adherence(table), "montage": montage,
                "timing": {"seconds_rank0": round(result.seconds, 3), "generated_rank0": result.generated,
+                          "first_batch_seconds_rank0": round(result.first_batch_seconds, 3),
+                          "first_batch_samples_rank0": result.first_batch_samples,
                           "stage_seconds_rank0": {k: round(v, 3) for k, v in result.stage_seconds.items()}}}
     write_json(out / layout.SYNTHESIZE_JSON, summary)
     return summary
