@@ -79,10 +79,11 @@ def test_rows_get_shard_fields_and_slice_ids(mixed):
         (np.zeros((2, 1, 8, 8)), None, 3, "3 rows for 2 slices"),
         (np.full((2, 1, 8, 8), 1.5), None, 2, "expected model space"),
         (np.full((2, 1, 8, 8), np.nan), None, 2, "not finite"),
+        (np.full((2, 1, 8, 8), -1.5, dtype=np.float16), None, 2, "expected model space"),  # checked widened
         (np.zeros((2, 8, 8)), None, 2, "expected \\(N>0, C, H, W\\)"),
         (np.zeros((2, 1, 8, 8), np.int16), None, 2, "dtype int16"),
     ],
-    ids=["label-shape", "label-dtype", "row-count", "out-of-range", "nan", "3d", "int-images"],
+    ids=["label-shape", "label-dtype", "row-count", "out-of-range", "nan", "float16-out-of-range", "3d", "int-images"],
 )
 def test_bad_volumes_are_refused_and_nothing_is_written(tmp_path, images, labels, rows, expected):
     writer = ShardWriter(tmp_path, fsync=False)
