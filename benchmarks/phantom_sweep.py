@@ -86,6 +86,11 @@ CONFIGS.update({
     "r5_sl1": (4, 1200, 800, _R4 + ["tokenizer.losses.structure_l1=1.0"]),
 })
 ROUND5 = ["r5_mask2", "r5_t1600", "r5_px24", "r5_s6", "r5_sl1"]
+# round 6 (session 6): first-draw tumour presence fell with guidance (cfg 0 / 1.5 / 3: 0.96 / 0.92 / 0.87 over
+# r5_sl1's 8 seeds) while VAR's null condition also drops the domain; a null condition that keeps it
+CONFIGS.update({
+    "r6_nkd": (4, 1200, 800, _R4 + ["tokenizer.losses.structure_l1=1.0", "var.model.null_keeps_domain=true"]),
+})
 ROUND2 = ["t1200_v800", "t1200_v800_pow1", "t1200_v800_tb16_pow1", "s6_t1200_v800_pow1", "t1600_v800_pow1",
           "t1200_v1200_pow1_vb32"]
 MIN_PIXELS = 8  # a target counts as shown when its pixels cover at least this many of the 64x64 mask

@@ -328,7 +328,7 @@ def decoder_autotune(vqvae: VQVAE, device: torch.device, batch: int, reps: int) 
     indices = [torch.randint(vqvae.quantizer.config.codebook_size, (batch, s, s), generator=generator).to(device)
                for s in vqvae.quantizer.patch_sides]
     f_hat_BCHW = vqvae.quantizer.indices_to_features(indices)
-    decoder = FastDecoder(vqvae, compile=False)
+    decoder = FastDecoder(vqvae, compile=False, channels_last=True)
     decoder._forward = torch.compile(decoder.path, dynamic=None, mode="max-autotune-no-cudagraphs")
     decoder.compiled = True
     start = time.perf_counter()

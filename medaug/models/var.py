@@ -81,6 +81,10 @@ class VARConfig:
     init_head: multiplier of the head weights. init_adaln: multiplier of the AdaLN scale/shift rows.
     init_adaln_gamma: multiplier of the AdaLN γ rows (default by depth as VAR's recipes: 1e-3 up to d20,
         1e-4 up to d24, 1e-5 beyond).
+    null_keeps_domain: the null condition of classifier-free guidance (dropped rows in training, the
+        unconditional stream in sampling) keeps the row's domain and drops only its structures, so guidance
+        pushes towards the asked structures within the domain rather than also away from the domain
+        (False: VAR's null class, everything dropped, as runs made before this field).
     """
 
     depth: int = 16
@@ -100,6 +104,7 @@ class VARConfig:
     init_head: float = 0.02
     init_adaln: float = 0.5
     init_adaln_gamma: float | None = None
+    null_keeps_domain: bool = False
 
     def __post_init__(self) -> None:
         if self.depth < 1:
@@ -472,7 +477,8 @@ class VAR(nn.Module):
     def condition(
         self, domain_B: torch.Tensor, present_BS: torch.Tensor, annotated_BS: torch.Tensor, drop_B: torch.Tensor
     ) -> torch.Tensor:
-        """The condition vector (B, C): domain + present + annotated, or the null condition where ``drop_B``.
+        """The condition vector (B, C): domain + present + annotated, or the null condition where ``drop_B``
+        (plus the domain with ``config.null_keeps_domain``).
 
         ``domain_B`` int64 in [0, num_domains); ``present_BS`` / ``annotated_BS`` (B, S) bool or 0/1
         float multi-hots over the model's S structures; ``drop_B`` (B,) bool.
@@ -484,6 +490,8 @@ class VAR(nn.Module):
             cond_BC = cond_BC + self.present_proj(present_BS.to(weight_dtype))
             cond_BC = cond_BC + self.annotated_proj(annotated_BS.to(weight_dtype))
         null_BC = self.null_condition_C.to(cond_BC.dtype).expand_as(cond_BC)
+        if self.config.null_keeps_domain:
+            null_BC = null_BC + self.domain_embed(domain_B)
         return torch.where(drop_B.view(-1, 1).bool(), null_BC, cond_BC)
 
     def embed_teacher(self, x_teacher_BLC: torch.Tensor, cond_BC: torch.Tensor) -> torch.Tensor:

@@ -64,16 +64,25 @@ class PendingBatch:
         return self._finish()
 
 
+DECODER_COMPILE_MIN_SAMPLES = 50_000
+"""Samples from which the fast path compiles its decoder. On the H200 at batch 256 the compiled decoder makes
+~970 images/s and the eager one (bf16, NCHW) 501, 0.97 ms less per image, but compiling costs 50-60 s in a
+fresh process: it pays from ~55,000 images (``benchmarks/results/sample-h200-session6.json``)."""
+
+
 class SynthGenerator:
     """A trained generator, ready to sample (module docstring).
 
     ``run``: a VAR run folder or one of its checkpoint folders. ``device``: ``cpu``, ``cuda``, ``cuda:1``...
     ``dtype``: "float32" or "bfloat16" (autocast of sampling and decoding; bf16 only on CUDA by default).
-    ``weights``: "auto" (EMA when present), "ema" or "model".
+    ``weights``: "auto" (EMA when present), "ema" or "model". ``compile_decoder``: whether the fast path on
+    CUDA compiles its decoder; None (default) compiles it when :attr:`expected_samples` is unknown (a
+    stream) or at least :data:`DECODER_COMPILE_MIN_SAMPLES` (``medaug synthesize`` and ``regenerate`` set it
+    to the run's planned samples, so a resumed or regenerated batch decodes as the run did).
     """
 
     def __init__(self, run: str | Path, device: str | torch.device = "cpu", dtype: str | None = None,
-                 weights: str = "auto", fast: bool | None = None):
+                 weights: str = "auto", fast: bool | None = None, compile_decoder: bool | None = None):
         from medaug.train.var_task import load_generator
 
         self.device = torch.device(device)
@@ -91,6 +100,8 @@ class SynthGenerator:
         self._lut = self.table.local_to_vocab_lut()
         # the fast path (bf16 weights, compiled steps, CUDA graphs) is the bf16 path on a GPU
         self.fast = (self.device.type == "cuda" and self.dtype == "bfloat16") if fast is None else fast
+        self.compile_decoder = compile_decoder
+        self.expected_samples: int | None = None
         self._fast_sampler: Any = None
         self._fast_decoder: Any = None
         self._decode_stream: Any = None
@@ -220,8 +231,16 @@ class SynthGenerator:
 
         if self._fast_sampler is None:
             self._fast_sampler = FastSampler(self.var, self.vqvae.quantizer)
-            self._fast_decoder = FastDecoder(self.vqvae)
+            self._fast_decoder = FastDecoder(self.vqvae, compile=self.decoder_compiled())
         return self._fast_sampler, self._fast_decoder
+
+    def decoder_compiled(self) -> bool | None:
+        """Whether the fast path's decoder is compiled (class docstring); None off CUDA (FastDecoder's default)."""
+        if self.device.type != "cuda":
+            return None
+        if self.compile_decoder is not None:
+            return self.compile_decoder
+        return self.expected_samples is None or self.expected_samples >= DECODER_COMPILE_MIN_SAMPLES
 
 
 def decode_behind(decoder: Any, quantizer: Any, indices: list[torch.Tensor], decode_BS: torch.Tensor,
@@ -293,5 +312,5 @@ def export_affine(domain: dict[str, Any], size: int) -> np.ndarray:
     return canonical_affine(spacing, size, domain_plane(domain), slice_thickness_mm=spacing)
 
 
-__all__ = ["DTYPES", "GeneratedBatch", "PendingBatch", "SynthGenerator", "decode_behind", "domain_plane",
+__all__ = ["DECODER_COMPILE_MIN_SAMPLES", "DTYPES", "GeneratedBatch", "PendingBatch", "SynthGenerator", "decode_behind", "domain_plane",
            "export_affine", "export_intensity"]

@@ -236,6 +236,7 @@ def generate_batches(generator: SynthGenerator, plan: Plan, out: Path, export: E
     result = SynthesisResult({}, skipped_batches=len(mine) - len(pending))
     exporters = _Exporters(out, export, plan, generator)
     start, total, clock = time.perf_counter(), sum(len(plan.batch(b)) for b in pending), time.perf_counter
+    generator.expected_samples = len(plan.samples)  # whether compiling the decoder pays: the whole run's size
 
     def finish(saving: Any, count: int) -> None:
         for stage, seconds in saving.result().items():
@@ -529,6 +530,7 @@ def regenerate(out: str | Path, sample_index: int, device: str = "cpu") -> tuple
     generator = SynthGenerator(state["generator"]["checkpoint"], device, row["dtype"], state["generator"]["weights"])
     if generator.sha256 != row["generator_sha256"]:
         raise ConfigError(state["generator"]["checkpoint"], "weights differ from the ones that made the sample")
+    generator.expected_samples = pq.read_metadata(out / layout.PLAN_FILE).num_rows  # the run's decoder choice
     local = {name: i + 1 for i, name in enumerate(generator.bank.structures)}
     samples = [PlannedSample(index=r["sample_index"], domain=r["domain"], domain_index=generator.domain_names.index(r["domain"]),
                              seed=r["seed"], present=tuple(local[n] for n in r["condition_present"]),

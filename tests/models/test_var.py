@@ -176,6 +176,24 @@ def test_condition_dropout_yields_exactly_the_null_condition():
     assert not torch.allclose(logits[~drop_B], other[~drop_B])
 
 
+def test_a_null_condition_that_keeps_the_domain_drops_only_the_structures():
+    model = _model(_config(null_keeps_domain=True))
+    drop = [True, False, True, False]
+    domain_B, present_BS, annotated_BS, drop_B = _conditions(4, seed=2, drop=drop)
+    cond_BC = model.condition(domain_B, present_BS, annotated_BS, drop_B)
+    weights = model.domain_embed.weight.detach()
+    for row, dropped in enumerate(drop):
+        structures = present_BS[row].float() @ model.present_proj.weight.T + annotated_BS[row].float() @ model.annotated_proj.weight.T
+        expected = model.null_condition_C + weights[domain_B[row]] if dropped else weights[domain_B[row]] + structures
+        torch.testing.assert_close(cond_BC[row], expected.detach())
+    # dropped rows still follow their domain, and only it
+    _, other_present, other_annotated, _ = _conditions(4, seed=9)
+    other_domain = (domain_B + 1) % model.config.num_domains
+    same = model.condition(domain_B, other_present, other_annotated, drop_B)
+    moved = model.condition(other_domain, present_BS, annotated_BS, drop_B)
+    assert torch.equal(same[drop_B], cond_BC[drop_B]) and not torch.allclose(moved[drop_B], cond_BC[drop_B])
+
+
 def test_domain_only_model_without_structures():
     config = _config(num_structures=0)
     model = _model(config)

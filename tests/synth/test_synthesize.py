@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet  # noqa: F401  (pa.parquet)
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -462,7 +463,7 @@ def test_batches_are_queued_one_ahead_when_the_device_runs_behind_the_host(tiny_
         out.mkdir()
         result = run_module.generate_batches(generator, plan, out, run_module.ExportSettings(formats=()), "uid", 0, 1,
                                              None)
-        assert result.generated == 7
+        assert result.generated == 7 and generator.expected_samples == 7  # the run's size, for the decoder choice
     first = [plan.batch(b)[0].index for b in range(plan.num_batches)]
     expected = [("submit", first[0])]
     for now, following in zip(first, first[1:] + [None]):
@@ -519,3 +520,18 @@ def test_batches_queued_on_cuda_equal_batches_made_one_at_a_time(tiny_var_run):
     for one, other in zip(alone, queued):
         np.testing.assert_array_equal(other.image_BCHW, one.image_BCHW)
         np.testing.assert_array_equal(other.label_BHW, one.label_BHW)
+
+
+def test_the_decoder_is_compiled_only_for_runs_where_compiling_pays(tiny_var_run):
+    from medaug.synth.engine import DECODER_COMPILE_MIN_SAMPLES
+
+    generator = SynthGenerator(tiny_var_run["run_dir"], "cpu")
+    assert generator.decoder_compiled() is None  # off CUDA: FastDecoder's own default (eager)
+    generator.device = torch.device("cuda")  # the rule alone: nothing runs on it
+    assert generator.decoder_compiled() is True  # a stream of unknown length (GeneratorDataset)
+    generator.expected_samples = DECODER_COMPILE_MIN_SAMPLES - 1
+    assert generator.decoder_compiled() is False
+    generator.expected_samples = DECODER_COMPILE_MIN_SAMPLES
+    assert generator.decoder_compiled() is True
+    generator.compile_decoder = False
+    assert generator.decoder_compiled() is False
