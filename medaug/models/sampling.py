@@ -544,7 +544,24 @@ class FastSampler:
     def _captured_rows(self, settings: SamplerSettings) -> int:
         """Rows of the largest graph captured for ``settings`` (0 if none). Its memory pool is held, so free
         memory no longer shows room for it, but replaying it needs no more: chunks may stay that large."""
-        return max((bucket for bucket, captured in self._graphs if captured == settings), default=0)
+        return max(self._captured_buckets(settings), default=0)
+
+    def _captured_buckets(self, settings: SamplerSettings) -> list[int]:
+        return sorted(bucket for bucket, captured in self._graphs if captured == settings)
+
+    def _bucket(self, batch: int, settings: SamplerSettings) -> int | None:
+        """The graph bucket a chunk of ``batch`` rows replays, or None to run it eagerly.
+
+        Its own power-of-two bucket when captured, or when free memory holds a new capture of it (the
+        bucket's rows, not only the chunk's); else the smallest larger bucket already captured (padding
+        costs compute, not memory); else eagerly (the chunk itself fits: :meth:`sample_tokens` sized it).
+        """
+        if not self.cuda_graphs or batch > self.graph_max_batch:
+            return None
+        bucket, captured = 1 << (batch - 1).bit_length(), self._captured_buckets(settings)
+        if bucket in captured or bucket <= self.max_batch_size(settings):
+            return bucket
+        return next((size for size in captured if size >= batch), None)
 
     def clear_graphs(self) -> None:
         """Release captured CUDA graphs and their memory pools."""
@@ -588,7 +605,8 @@ class FastSampler:
         _check_inputs(self.var, self.quantizer, batch, generators)
         uniform_BL = row_uniforms(generators, self.config.total_tokens, self.device)
         present_BS, annotated_BS = present_BS.to(self.dtype), annotated_BS.to(self.dtype)
-        chunk = max_batch or max(self.max_batch_size(settings), min(batch, self._captured_rows(settings)))
+        floor = min(batch, self._captured_rows(settings), self.graph_max_batch)
+        chunk = max_batch or max(self.max_batch_size(settings), floor)
         pieces = [self._sample_chunk(domain_B[s:s + chunk], present_BS[s:s + chunk], annotated_BS[s:s + chunk],
                                      uniform_BL[s:s + chunk], settings) for s in range(0, batch, chunk)]
         if len(pieces) == 1:
@@ -625,9 +643,9 @@ class FastSampler:
         settings: SamplerSettings,
     ) -> list[torch.Tensor]:
         batch = domain_B.shape[0]
-        if not self.cuda_graphs or batch > self.graph_max_batch:
+        bucket = self._bucket(batch, settings)
+        if bucket is None:
             return self._sample_core(domain_B, present_BS, annotated_BS, uniform_BL, settings)[0]
-        bucket = 1 << (batch - 1).bit_length()
         graph = self._graph(bucket, settings, present_BS.shape[1])
         pad = bucket - batch
         graph.domain_B.copy_(_pad_rows(domain_B, pad))

@@ -554,7 +554,6 @@ class FastDecoder:
         self._chunk: int | None = None
         self._forward = torch.compile(self.path, dynamic=None) if self.compiled else self.path
         self._stats_forward = None
-        self._ran: set[str] = set()  # which paths have run ("plain", "stats"): see _path_for
         if self.stats_path is not None:
             self._stats_forward = torch.compile(self.stats_path, dynamic=None) if self.compiled else self.stats_path
         if cuda:
@@ -621,21 +620,13 @@ class FastDecoder:
         return forward(x_BCHW)[:batch]
 
     def _path_for(self, batch: int) -> tuple[Any, int]:
-        """The (compiled) decode path for a chunk of ``batch`` images and the rows to run it on.
-
-        Per-channel statistics from ``channel_stats_min_batch`` images on, torch's GroupNorm below; but
-        once only the statistics path has been compiled, a small chunk (a run's last, partial batch) is
-        padded to ``channel_stats_min_batch`` rows on it rather than compiling the other path (about 50 s
-        on the H200 against a few ms of padding). Compiled, a single image is padded to two (a size-1
-        batch would be specialised: compile once).
-        """
+        """The (compiled) decode path for a chunk of ``batch`` images and the rows to run it on: per-channel
+        statistics from ``channel_stats_min_batch`` images on, torch's GroupNorm below (by configuration
+        alone, so a batch decodes the same whatever ran before). Compiled, a single image is padded to two
+        (a size-1 batch would be specialised: compile once)."""
         rows = 2 if self.compiled and batch == 1 else batch
-        if self._stats_forward is None:
-            return self._forward, rows
-        if batch >= self.channel_stats_min_batch or (self.compiled and self._ran == {"stats"}):
-            self._ran.add("stats")
-            return self._stats_forward, max(batch, self.channel_stats_min_batch)
-        self._ran.add("plain")
+        if self._stats_forward is not None and batch >= self.channel_stats_min_batch:
+            return self._stats_forward, rows
         return self._forward, rows
 
     @torch.no_grad()

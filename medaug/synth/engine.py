@@ -68,6 +68,8 @@ DECODER_COMPILE_MIN_SAMPLES = 50_000
 """Samples from which the fast path compiles its decoder. On the H200 at batch 256 the compiled decoder makes
 ~970 images/s and the eager one (bf16, NCHW) 501, 0.97 ms less per image, but compiling costs 50-60 s in a
 fresh process: it pays from ~55,000 images (``benchmarks/results/sample-h200-session6.json``)."""
+LEGACY_DECODER = {"compiled": True, "channel_stats_norm": False}
+"""The fast path's decoder in runs whose synthesize.json records none (made before the record existed)."""
 
 
 class SynthGenerator:
@@ -77,8 +79,10 @@ class SynthGenerator:
     ``dtype``: "float32" or "bfloat16" (autocast of sampling and decoding; bf16 only on CUDA by default).
     ``weights``: "auto" (EMA when present), "ema" or "model". ``compile_decoder``: whether the fast path on
     CUDA compiles its decoder; None (default) compiles it when :attr:`expected_samples` is unknown (a
-    stream) or at least :data:`DECODER_COMPILE_MIN_SAMPLES` (``medaug synthesize`` and ``regenerate`` set it
-    to the run's planned samples, so a resumed or regenerated batch decodes as the run did).
+    dataset drawing epoch after epoch) or at least :data:`DECODER_COMPILE_MIN_SAMPLES` (``medaug synthesize``
+    sets it to the run's planned samples). :meth:`decoder_record` is what a run records and
+    :meth:`adopt_decoder` what a resumed run or ``regenerate`` takes back, so their batches decode as the
+    run's first ones did.
     """
 
     def __init__(self, run: str | Path, device: str | torch.device = "cpu", dtype: str | None = None,
@@ -102,6 +106,7 @@ class SynthGenerator:
         self.fast = (self.device.type == "cuda" and self.dtype == "bfloat16") if fast is None else fast
         self.compile_decoder = compile_decoder
         self.expected_samples: int | None = None
+        self._adopted_decoder: dict[str, bool] | None = None
         self._fast_sampler: Any = None
         self._fast_decoder: Any = None
         self._decode_stream: Any = None
@@ -231,16 +236,35 @@ class SynthGenerator:
 
         if self._fast_sampler is None:
             self._fast_sampler = FastSampler(self.var, self.vqvae.quantizer)
-            self._fast_decoder = FastDecoder(self.vqvae, compile=self.decoder_compiled())
+        if self._fast_decoder is None:
+            options = self.decoder_record() or {}
+            self._fast_decoder = FastDecoder(self.vqvae, compile=options.get("compiled"),
+                                             channel_stats_norm=options.get("channel_stats_norm"))
         return self._fast_sampler, self._fast_decoder
 
-    def decoder_compiled(self) -> bool | None:
-        """Whether the fast path's decoder is compiled (class docstring); None off CUDA (FastDecoder's default)."""
-        if self.device.type != "cuda":
+    def decoder_record(self) -> dict[str, bool] | None:
+        """The fast path's decoder settings on CUDA, {"compiled", "channel_stats_norm"} (class docstring); None
+        where they do not apply (the CPU, where the decoder is exact, or the basic path)."""
+        if not (self.fast and self.device.type == "cuda"):
             return None
-        if self.compile_decoder is not None:
-            return self.compile_decoder
-        return self.expected_samples is None or self.expected_samples >= DECODER_COMPILE_MIN_SAMPLES
+        if self._fast_decoder is not None:
+            return {"compiled": self._fast_decoder.compiled, "channel_stats_norm": self._fast_decoder.channel_stats_norm}
+        if self._adopted_decoder is not None:
+            return dict(self._adopted_decoder)
+        compiled = self.compile_decoder
+        if compiled is None:
+            compiled = self.expected_samples is None or self.expected_samples >= DECODER_COMPILE_MIN_SAMPLES
+        return {"compiled": compiled, "channel_stats_norm": compiled}
+
+    def adopt_decoder(self, record: dict[str, Any] | None) -> None:
+        """Decode as a run recorded (:meth:`decoder_record`; None: a run from before the record, which decoded
+        as :data:`LEGACY_DECODER`). Nothing changes where the record does not apply."""
+        if not (self.fast and self.device.type == "cuda"):
+            return
+        adopted = {key: bool((record or LEGACY_DECODER)[key]) for key in LEGACY_DECODER}
+        if self._fast_decoder is not None and self.decoder_record() != adopted:
+            self._fast_decoder = None  # built with other settings: rebuilt on next use
+        self._adopted_decoder = adopted
 
 
 def decode_behind(decoder: Any, quantizer: Any, indices: list[torch.Tensor], decode_BS: torch.Tensor,
@@ -312,5 +336,5 @@ def export_affine(domain: dict[str, Any], size: int) -> np.ndarray:
     return canonical_affine(spacing, size, domain_plane(domain), slice_thickness_mm=spacing)
 
 
-__all__ = ["DECODER_COMPILE_MIN_SAMPLES", "DTYPES", "GeneratedBatch", "PendingBatch", "SynthGenerator", "decode_behind", "domain_plane",
+__all__ = ["DECODER_COMPILE_MIN_SAMPLES", "DTYPES", "LEGACY_DECODER", "GeneratedBatch", "PendingBatch", "SynthGenerator", "decode_behind", "domain_plane",
            "export_affine", "export_intensity"]

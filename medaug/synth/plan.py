@@ -15,8 +15,9 @@ Balance:
 * ``none``: conditions are drawn from the pooled bank of the domains in proportion to their training counts
   (the training distribution, restricted to rows containing a target).
 
-``--unconditional`` samples use the null condition; since it carries no domain, the plan still spreads them
-evenly over domains, and that domain only picks the export layout (channels, spacing, intensity units).
+``--unconditional`` samples use the null condition; the plan spreads them evenly over domains. With VAR's
+null condition (no domain) that domain only picks the export layout (channels, spacing, intensity units); a
+generator trained with ``model.null_keeps_domain`` also draws them in that domain.
 
 Redraws: a sample whose generated mask does not show its target (on at least the generator's
 ``conditioning.min_pixels`` pixels, the rule that made the target "present" in its training conditions) is

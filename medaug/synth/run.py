@@ -119,6 +119,7 @@ def synthesize(run: str | Path, out: str | Path, request: PlanRequest, export: E
     try:
         generator = SynthGenerator(run, info.device, dtype)
         plan = make_plan(request, generator.bank, generator.domain_names, generator.reconstruction_quality())
+        generator.expected_samples = len(plan.samples)  # whether compiling the decoder pays: the whole run's size
         for warning in plan.warnings if info.is_rank0 else ():
             log.warning("%s", warning)
         if dry_run:
@@ -147,6 +148,7 @@ def _run(generator: SynthGenerator, plan: Plan, out: Path, export: ExportSetting
     state = json.loads((out / layout.SYNTHESIZE_JSON).read_text())
     if state["status"] == STATUS_COMPLETE:
         return SynthesisResult(state, skipped_batches=plan.num_batches)
+    generator.adopt_decoder(state["settings"].get("decoder"))  # a resumed run decodes as it started
     result = generate_batches(generator, plan, out, export, state["run_uid"], info.rank, info.world_size, progress)
     distributed.barrier()
     if info.is_rank0:
@@ -160,7 +162,8 @@ def _run(generator: SynthGenerator, plan: Plan, out: Path, export: ExportSetting
 def _settings_record(generator: SynthGenerator, plan: Plan, export: ExportSettings) -> dict[str, Any]:
     return {"plan_sha256": plan_sha256(plan), "sampling": to_dict(plan.request.sampling),
             "generator_sha256": generator.sha256, "formats": sorted(export.formats), "dtype": generator.dtype,
-            "batch_size": plan.request.batch_size, "redraws": plan.request.redraws}
+            "batch_size": plan.request.batch_size, "redraws": plan.request.redraws,
+            "decoder": generator.decoder_record()}
 
 
 def claim_folder(out: Path, record: dict[str, Any], plan: Plan, generator: SynthGenerator, resume: bool) -> dict[str, Any]:
@@ -236,7 +239,6 @@ def generate_batches(generator: SynthGenerator, plan: Plan, out: Path, export: E
     result = SynthesisResult({}, skipped_batches=len(mine) - len(pending))
     exporters = _Exporters(out, export, plan, generator)
     start, total, clock = time.perf_counter(), sum(len(plan.batch(b)) for b in pending), time.perf_counter
-    generator.expected_samples = len(plan.samples)  # whether compiling the decoder pays: the whole run's size
 
     def finish(saving: Any, count: int) -> None:
         for stage, seconds in saving.result().items():
@@ -530,7 +532,7 @@ def regenerate(out: str | Path, sample_index: int, device: str = "cpu") -> tuple
     generator = SynthGenerator(state["generator"]["checkpoint"], device, row["dtype"], state["generator"]["weights"])
     if generator.sha256 != row["generator_sha256"]:
         raise ConfigError(state["generator"]["checkpoint"], "weights differ from the ones that made the sample")
-    generator.expected_samples = pq.read_metadata(out / layout.PLAN_FILE).num_rows  # the run's decoder choice
+    generator.adopt_decoder(state["settings"].get("decoder"))  # decode as the run did
     local = {name: i + 1 for i, name in enumerate(generator.bank.structures)}
     samples = [PlannedSample(index=r["sample_index"], domain=r["domain"], domain_index=generator.domain_names.index(r["domain"]),
                              seed=r["seed"], present=tuple(local[n] for n in r["condition_present"]),

@@ -97,6 +97,7 @@ class VarModelConfig:
     init_head: float | None = None
     init_adaln: float | None = None
     init_adaln_gamma: float | None = None
+    null_keeps_domain: bool | None = None
 
     def __post_init__(self) -> None:
         if self.preset not in PRESET_NAMES:

@@ -79,7 +79,7 @@ def test_rows_get_shard_fields_and_slice_ids(mixed):
         (np.zeros((2, 1, 8, 8)), None, 3, "3 rows for 2 slices"),
         (np.full((2, 1, 8, 8), 1.5), None, 2, "expected model space"),
         (np.full((2, 1, 8, 8), np.nan), None, 2, "not finite"),
-        (np.full((2, 1, 8, 8), -1.5, dtype=np.float16), None, 2, "expected model space"),  # checked widened
+        (np.full((2, 1, 8, 8), -1.5, dtype=np.float16), None, 2, "expected model space"),  # float16 input
         (np.zeros((2, 8, 8)), None, 2, "expected \\(N>0, C, H, W\\)"),
         (np.zeros((2, 1, 8, 8), np.int16), None, 2, "dtype int16"),
     ],

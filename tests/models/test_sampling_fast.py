@@ -315,26 +315,40 @@ def test_default_graph_limit_scales_with_the_work_per_launch():
     assert limits["d16"] == 256 and limits["d30"] == 64
 
 
-def test_fast_decoder_pads_a_small_chunk_onto_the_compiled_statistics_path():
+def test_fast_decoder_picks_its_groupnorm_path_by_chunk_size_alone():
     vqvae = _vqvae()
     f_hat_BCHW = torch.randn(4, 8, 4, 4, generator=torch.Generator().manual_seed(12))
     with torch.no_grad():
         image_ref, logits_ref = vqvae.decode(f_hat_BCHW)
-
-    def fresh() -> FastDecoder:
-        decoder = FastDecoder(vqvae, compile=False, channels_last=True, channel_stats_norm=True, channel_stats_min_batch=4)
-        decoder.compiled = True  # the path choice of a compiled decoder, on eager modules
-        return decoder
-
-    decoder = fresh()  # a full chunk first: the statistics path serves the small chunk, padded to 4 rows
-    assert decoder._path_for(4) == (decoder.stats_path, 4)
-    assert decoder._path_for(3) == (decoder.stats_path, 4) and decoder._path_for(1) == (decoder.stats_path, 4)
-    for rows in (4, 3, 1):
-        image_BCHW, logits_BKHW = decoder.decode(f_hat_BCHW[:rows])
-        torch.testing.assert_close(image_BCHW, image_ref[:rows], rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(logits_BKHW, logits_ref[:rows], rtol=1e-4, atol=1e-4)
-    decoder = fresh()  # a single image first: torch's GroupNorm (padded to 2), and it stays so for small chunks
-    assert decoder._path_for(1) == (decoder.path, 2) and decoder._path_for(3) == (decoder.path, 3)
-    assert decoder._path_for(4) == (decoder.stats_path, 4) and decoder._path_for(2) == (decoder.path, 2)
+    decoder = FastDecoder(vqvae, compile=False, channels_last=True, channel_stats_norm=True, channel_stats_min_batch=3)
+    for order in ((4, 2, 1, 3), (1, 3, 2, 4)):  # the same choice whatever ran before
+        for rows in order:
+            path, run_rows = decoder._path_for(rows)
+            assert (path is decoder.stats_path) == (rows >= 3) and run_rows == rows
+            image_BCHW, logits_BKHW = decoder.decode(f_hat_BCHW[:rows])
+            torch.testing.assert_close(image_BCHW, image_ref[:rows], rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(logits_BKHW, logits_ref[:rows], rtol=1e-4, atol=1e-4)
+    decoder.compiled = True  # the row count a compiled decoder runs (eager modules here): one image padded to two
+    assert decoder._path_for(1) == (decoder.path, 2) and decoder._path_for(3) == (decoder.stats_path, 3)
     image_BCHW, _ = decoder.decode(f_hat_BCHW[:1])
     torch.testing.assert_close(image_BCHW, image_ref[:1], rtol=1e-4, atol=1e-4)
+
+
+def test_graph_buckets_never_capture_past_free_memory(monkeypatch):
+    """Which captured graph a chunk replays (the choice alone: on the CPU nothing is captured)."""
+    model, quantizer = _model_and_quantizer(_config(), seed=1)
+    sampler = FastSampler(model, quantizer, graph_max_batch=256)
+    sampler.cuda_graphs = True
+    settings, other = sampler.settings(1.5, 0, 1.0, 1.0), sampler.settings(3.0, 0, 1.0, 1.0)
+    fits = {"rows": 300}
+    monkeypatch.setattr(sampler, "max_batch_size", lambda _settings: fits["rows"])
+    assert sampler._bucket(100, settings) == 128  # room for a new capture of 128 rows
+    assert sampler._bucket(257, settings) is None  # past graph_max_batch: eager
+    sampler._graphs = {(256, settings): None, (16, other): None}  # captured buckets (their graphs unused here)
+    fits["rows"] = 50
+    assert sampler._bucket(100, settings) == 256  # 128 would not fit: the captured 256, padded
+    assert sampler._bucket(16, settings) == 16  # fits: its own bucket
+    assert sampler._bucket(60, other) is None  # nothing captured for these settings that holds 60: eager
+    fits["rows"] = 100
+    assert sampler._bucket(100, settings) == 256  # 100 rows fit, a 128-row capture does not
+    assert sampler._captured_rows(settings) == 256 and sampler._captured_rows(other) == 16

@@ -463,7 +463,7 @@ def test_batches_are_queued_one_ahead_when_the_device_runs_behind_the_host(tiny_
         out.mkdir()
         result = run_module.generate_batches(generator, plan, out, run_module.ExportSettings(formats=()), "uid", 0, 1,
                                              None)
-        assert result.generated == 7 and generator.expected_samples == 7  # the run's size, for the decoder choice
+        assert result.generated == 7
     first = [plan.batch(b)[0].index for b in range(plan.num_batches)]
     expected = [("submit", first[0])]
     for now, following in zip(first, first[1:] + [None]):
@@ -522,16 +522,28 @@ def test_batches_queued_on_cuda_equal_batches_made_one_at_a_time(tiny_var_run):
         np.testing.assert_array_equal(other.label_BHW, one.label_BHW)
 
 
-def test_the_decoder_is_compiled_only_for_runs_where_compiling_pays(tiny_var_run):
-    from medaug.synth.engine import DECODER_COMPILE_MIN_SAMPLES
+def test_the_decoder_is_compiled_only_for_runs_where_compiling_pays_and_resumes_as_recorded(tiny_var_run):
+    from medaug.synth.engine import DECODER_COMPILE_MIN_SAMPLES, LEGACY_DECODER
 
-    generator = SynthGenerator(tiny_var_run["run_dir"], "cpu")
-    assert generator.decoder_compiled() is None  # off CUDA: FastDecoder's own default (eager)
+    generator = SynthGenerator(tiny_var_run["run_dir"], "cpu", fast=True)
+    assert generator.decoder_record() is None  # off CUDA the decoder is exact: nothing to record or adopt
+    generator.adopt_decoder({"compiled": True, "channel_stats_norm": True})
+    assert generator.decoder_record() is None
     generator.device = torch.device("cuda")  # the rule alone: nothing runs on it
-    assert generator.decoder_compiled() is True  # a stream of unknown length (GeneratorDataset)
+    compiled, eager = {"compiled": True, "channel_stats_norm": True}, {"compiled": False, "channel_stats_norm": False}
+    assert generator.decoder_record() == compiled  # a dataset drawing epoch after epoch (GeneratorDataset)
     generator.expected_samples = DECODER_COMPILE_MIN_SAMPLES - 1
-    assert generator.decoder_compiled() is False
+    assert generator.decoder_record() == eager
     generator.expected_samples = DECODER_COMPILE_MIN_SAMPLES
-    assert generator.decoder_compiled() is True
+    assert generator.decoder_record() == compiled
     generator.compile_decoder = False
-    assert generator.decoder_compiled() is False
+    assert generator.decoder_record() == eager
+    generator.adopt_decoder(None)  # a run from before the record: as it decoded then
+    assert generator.decoder_record() == LEGACY_DECODER == {"compiled": True, "channel_stats_norm": False}
+    generator.adopt_decoder(compiled)
+    assert generator.decoder_record() == compiled
+
+
+def test_a_run_records_its_decoder_settings(tiny_synthesis):
+    state = json.loads((tiny_synthesis["out"] / layout.SYNTHESIZE_JSON).read_text())
+    assert "decoder" in state["settings"] and state["settings"]["decoder"] is None  # the CPU: none apply

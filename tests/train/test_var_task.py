@@ -70,6 +70,18 @@ def test_recipes_load_and_scale_the_learning_rate_with_the_global_batch():
     assert load_var_recipe(to_dict(d16)) == d16  # the resolved recipe (written beside the run) reloads as it is
 
 
+def test_the_null_condition_setting_reaches_the_model_and_its_checkpoint_meta():
+    from medaug.config.base import from_dict
+    from medaug.models.var import VARConfig
+
+    recipe = load_var_recipe("medvar-tiny", ["model.null_keeps_domain=true"])
+    config = recipe.model.resolve(num_domains=2, num_structures=3)
+    assert config.null_keeps_domain is True
+    assert from_dict(VARConfig, to_dict(config), "meta").null_keeps_domain is True  # what load_generator reads
+    old_meta = {key: value for key, value in to_dict(config).items() if key != "null_keeps_domain"}
+    assert from_dict(VARConfig, old_meta, "meta").null_keeps_domain is False  # checkpoints made before the field
+
+
 @pytest.mark.parametrize("override,named", [
     ("train.optim.var.lr=1e-3", "base_lr"),
     ("model.codebook_size=256", "model.codebook_size"),
