@@ -179,9 +179,11 @@ def to_dict(config: Any) -> Any:
 
 def changed_keys(before: Any, after: Any, prefix: str = "") -> list[str]:
     """Dotted keys whose values differ between two recipe dicts (JSON-like), in sorted order; a key
-    present on one side only counts as changed."""
+    present on one side only counts as changed unless its value there is null (a field added since, left at
+    its default: a run stored before the field existed used that default)."""
     if isinstance(before, dict) and isinstance(after, dict):
-        keys = sorted(set(before) | set(after))
+        keys = sorted(key for key in set(before) | set(after)
+                      if (key in before and key in after) or before.get(key, after.get(key)) is not None)
         return [changed for key in keys for changed in changed_keys(before.get(key, _ABSENT), after.get(key, _ABSENT),
                                                                     f"{prefix}{key}.")]
     before = list(before) if isinstance(before, tuple) else before

@@ -98,6 +98,9 @@ def test_changed_keys_name_every_difference_and_warn_on_resume(tmp_path, caplog)
              "conditioning": {"min_pixels": 8}}
     assert changed_keys(before, after) == ["conditioning", "sampler.by", "train.max_steps"]
     assert changed_keys(after, after) == []
+    # a field added since (null: its default) is no change for a run stored before it existed; a set one is
+    assert changed_keys({**before, "model": {"depth": 2}}, {**before, "model": {"depth": 2, "null_keeps_domain": None}}) == []
+    assert changed_keys({**before, "model": {}}, {**before, "model": {"null_keeps_domain": True}}) == ["model.null_keeps_domain"]
     stored = tmp_path / "recipe.json"
     stored.write_text(json.dumps(before))
     with caplog.at_level(logging.WARNING):
