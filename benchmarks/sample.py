@@ -665,7 +665,7 @@ def part_s(report: Report, device: torch.device, smoke: bool, deadline: float) -
 
 def part_f(report: Report, device: torch.device, smoke: bool, deadline: float) -> None:
     """What ``medaug synthesize`` runs, with every default as shipped: the decoder alone at 256 (whole
-    batch and chunks of 128); d16 at 1, 16, 64, 256 with decode; at 256 without its CUDA graph (with a
+    batch and chunks of 128; compiled with inductor's coordinate-descent tuning too); d16 at 1, 16, 64, 256 with decode; at 256 without its CUDA graph (with a
     kernel profile), with flash attention, and streamed (decode behind the next batch); d30 at 256, 1,
     16, 64. No correctness section: part a checks the same code."""
     guarded(report, "ceilings", lambda: ceilings(device, smoke))
@@ -777,6 +777,18 @@ def decoder_chunks(vqvae: VQVAE, decoder: FastDecoder, device: torch.device, bat
                         "utilisation": round(flops * batch / seconds / BF16_RATE, 3)}
     decoder._chunk = None
     result["profile"] = profile_top(lambda: decoder.decode(f_hat_BCHW), device, top=25)
+    if device.type == "cuda":  # inductor's coordinate-descent tuning of its Triton kernels (the norms, SiLU, adds)
+        import torch._inductor.config  # noqa: F401  (torch.compile imports it lazily)
+
+        tuned = FastDecoder(vqvae)
+        start = time.perf_counter()
+        with torch._inductor.config.patch(coordinate_descent_tuning=True):
+            tuned.decode(f_hat_BCHW)
+            sync(device)
+        warm_s = time.perf_counter() - start
+        seconds = timed(lambda: tuned.decode(f_hat_BCHW), device, reps)
+        result["coordinate_descent_tuned"] = {"images_per_s": round(batch / seconds, 1), "first_call_s": round(warm_s, 1),
+                                              "utilisation": round(flops * batch / seconds / BF16_RATE, 3)}
     return result
 
 
