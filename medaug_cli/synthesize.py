@@ -11,6 +11,8 @@ import typer
 
 from medaug_cli.render import console, print_error, print_json, table
 
+GPU_BATCH, CPU_BATCH = 256, 16  # --batch-size when not given (default_batch_size)
+
 
 def synthesize(
     checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="A generator run folder (medaug train var/all --out) or one of its checkpoints."),
@@ -25,13 +27,14 @@ def synthesize(
     temperature: float = typer.Option(1.0, "--temperature", help="Softmax temperature (> 0)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the plan; each sample's own seed derives from it."),
     redraws: int = typer.Option(2, "--redraws", min=0, help="Draw a sample again (new seed) when its mask misses its --organ, at most this often (0: keep first draws; the manifest records draws)."),
-    unconditional: bool = typer.Option(False, "--unconditional", help="Use the null condition (no domain, no structures)."),
+    unconditional: bool = typer.Option(False, "--unconditional", help="Use the null condition (no structures; the domain too unless the generator was trained with model.null_keeps_domain)."),
     formats: str = typer.Option("png", "--format", "-f", help="Comma list of png, nifti, nnunet, dicom."),
     window: Optional[str] = typer.Option(None, "--window", help="8-bit PNGs windowed as CENTRE,WIDTH in HU/a.u. (default: 16-bit PNGs)."),
     nifti_gz: bool = typer.Option(False, "--nifti-gz", help="Write .nii.gz instead of .nii."),
     dicom_sop: str = typer.Option("image", "--dicom-sop", help="DICOM storage class: image (CT/MR Image Storage) or sc (Secondary Capture)."),
     nnunet_id: int = typer.Option(900, "--nnunet-id", help="First nnU-Net dataset number (one dataset per domain)."),
-    batch_size: int = typer.Option(16, "--batch-size", "-b", min=1, help="Samples per batch (per process)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", min=1, help=f"Samples per batch (per process; default {GPU_BATCH} on a GPU in bfloat16, where the sampler splits what does not fit, else {CPU_BATCH})."),
+    compile_decoder: str = typer.Option("auto", "--compile-decoder", help="auto: compile the GPU decoder for runs of at least 50,000 samples (compiling takes about a minute); on; off."),
     device: str = typer.Option("auto", "--device", help="auto (a GPU when present), cpu or cuda."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 or bfloat16 (default: bfloat16 on GPUs, float32 on CPU)."),
     workers: int = typer.Option(2, "--workers", min=1, help="Export threads."),
@@ -57,14 +60,15 @@ def synthesize(
     logging.getLogger("medaug.synth.run").setLevel(logging.ERROR)  # its warnings are rendered from the summary
     try:
         request = PlanRequest(n=n, targets=tuple(organ or ()), domains=tuple(domain or ()), balance=balance, seed=seed,
-                              unconditional=unconditional, batch_size=batch_size, redraws=redraws,
+                              unconditional=unconditional, batch_size=batch_size or default_batch_size(device, dtype),
+                              redraws=redraws,
                               sampling=SamplingSettings(cfg=cfg, top_k=top_k, top_p=top_p, temperature=temperature))
         export = _export_settings(formats, window, nifti_gz, dicom_sop, nnunet_id, workers)
         if out is None and not dry_run:
             raise MedaugError("--out", "is missing; expected the folder for the samples")
         quiet = json_output or dry_run or not rank0
         result = _with_progress(run_synthesis, quiet, checkpoint, out, request, export, device=device, dtype=dtype,
-                                resume=resume, dry_run=dry_run)
+                                resume=resume, dry_run=dry_run, compile_decoder=_on_off_auto(compile_decoder))
         if send and rank0 and not dry_run:
             result.summary["send"] = _send(out, send, aet, calling_aet, quiet)
     except MedaugError as error:
@@ -74,6 +78,24 @@ def synthesize(
         render_summary(result.summary, json_output, result)
         if send and not dry_run and result.summary["send"]["failed"]:
             raise typer.Exit(1)
+
+
+def default_batch_size(device: str, dtype: str | None) -> int:
+    """Samples per batch when --batch-size is not given: GPU_BATCH where the fast path runs (a GPU, bfloat16;
+    on the H200 d16 makes 402 images/s at 256 against 282 at 16), CPU_BATCH elsewhere."""
+    import torch
+
+    gpu = device != "cpu" and torch.cuda.is_available()
+    return GPU_BATCH if gpu and dtype in (None, "bfloat16") else CPU_BATCH
+
+
+def _on_off_auto(value: str) -> bool | None:
+    from medaug.errors import MedaugError
+
+    choices = {"auto": None, "on": True, "off": False}
+    if value not in choices:
+        raise MedaugError("--compile-decoder", f"is {value!r}; expected auto, on or off")
+    return choices[value]
 
 
 def _send(out: Path, destination: str, aet: str, calling_aet: str, quiet: bool) -> dict[str, Any]:

@@ -107,8 +107,11 @@ def plan_sha256(plan: Plan) -> str:
 
 def synthesize(run: str | Path, out: str | Path, request: PlanRequest, export: ExportSettings = ExportSettings(), *,
                device: str = "auto", dtype: str | None = None, resume: bool = False, dry_run: bool = False,
-               progress: Progress | None = None) -> SynthesisResult:
+               progress: Progress | None = None, compile_decoder: bool | None = None) -> SynthesisResult:
     """Plan, generate and export ``request`` with the generator ``run`` into ``out`` (module docstring).
+
+    ``compile_decoder``: :class:`~medaug.synth.engine.SynthGenerator`'s (None: by the run's size); a resumed
+    run decodes as it started.
 
     Works alone or under ``torchrun`` (one process per GPU, or gloo on CPUs). Returns the summary that
     ``synthesize.json`` holds (the plan summary only for ``dry_run``).
@@ -117,7 +120,7 @@ def synthesize(run: str | Path, out: str | Path, request: PlanRequest, export: E
 
     info = distributed.setup(device)
     try:
-        generator = SynthGenerator(run, info.device, dtype)
+        generator = SynthGenerator(run, info.device, dtype, compile_decoder=compile_decoder)
         plan = make_plan(request, generator.bank, generator.domain_names, generator.reconstruction_quality())
         generator.expected_samples = len(plan.samples)  # whether compiling the decoder pays: the whole run's size
         for warning in plan.warnings if info.is_rank0 else ():

@@ -547,3 +547,16 @@ def test_the_decoder_is_compiled_only_for_runs_where_compiling_pays_and_resumes_
 def test_a_run_records_its_decoder_settings(tiny_synthesis):
     state = json.loads((tiny_synthesis["out"] / layout.SYNTHESIZE_JSON).read_text())
     assert "decoder" in state["settings"] and state["settings"]["decoder"] is None  # the CPU: none apply
+
+
+def test_cli_batch_size_defaults_by_device_and_the_decoder_flag_is_checked(tiny_var_run, monkeypatch):
+    from medaug_cli.synthesize import CPU_BATCH, GPU_BATCH, default_batch_size
+
+    assert default_batch_size("auto", None) == CPU_BATCH == 16  # this machine has no GPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the rule on a GPU machine
+    assert default_batch_size("auto", None) == default_batch_size("cuda", "bfloat16") == GPU_BATCH == 256
+    assert default_batch_size("cuda", "float32") == default_batch_size("cpu", None) == CPU_BATCH  # the basic path
+    monkeypatch.undo()
+    result = runner.invoke(app, ["synthesize", "--checkpoint", tiny_var_run["run_dir"], "--n", "2", "--organ", "liver",
+                                 "--compile-decoder", "maybe", "--dry-run"])
+    assert result.exit_code == 2 and "--compile-decoder" in result.output and "auto, on or off" in result.output
