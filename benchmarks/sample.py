@@ -27,6 +27,7 @@ so a run cut by its time limit still reports. ``--smoke`` runs tiny models (CPU 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -278,6 +279,26 @@ def decoder_check(vqvae: VQVAE, decoder: FastDecoder, quantizer, indices, annota
 
 
 # ---------------------------------------------------------------- decoder
+def random_features(vqvae: VQVAE, batch: int, device: torch.device) -> torch.Tensor:
+    """f_hat (B, C, h, w) of random token maps at every scale (seeded): what the decoder reads."""
+    generator = torch.Generator().manual_seed(3)
+    indices = [torch.randint(vqvae.quantizer.config.codebook_size, (batch, s, s), generator=generator).to(device)
+               for s in vqvae.quantizer.patch_sides]
+    return vqvae.quantizer.indices_to_features(indices)
+
+
+def time_decode(function: Callable[[], Any], device: torch.device, batch: int, reps: int, flops: int,
+                setup: Callable[[], Any] = contextlib.nullcontext) -> dict[str, Any]:
+    """images/s, the first call's seconds (compilation; run inside ``setup()``) and utilisation of ``function``."""
+    start = time.perf_counter()
+    with setup():
+        function()
+        sync(device)
+    warm_s = time.perf_counter() - start
+    seconds = timed(function, device, reps)
+    return {"images_per_s": round(batch / seconds, 1), "first_call_s": round(warm_s, 1),
+            "utilisation": round(flops * batch / seconds / BF16_RATE, 3)}
+
 @torch.no_grad()
 def decoder_variants(vqvae: VQVAE, plain: FastDecoder, stats: FastDecoder, device: torch.device, batch: int,
                      reps: int) -> dict[str, Any]:
@@ -288,11 +309,7 @@ def decoder_variants(vqvae: VQVAE, plain: FastDecoder, stats: FastDecoder, devic
     A compiled NCHW variant is left out: inductor's layout optimisation runs convolutions channels-last
     on CUDA whatever the input layout, and each compile costs about a minute of the device call.
     """
-    generator = torch.Generator().manual_seed(3)
-    sides = vqvae.quantizer.patch_sides
-    indices = [torch.randint(vqvae.quantizer.config.codebook_size, (batch, s, s), generator=generator).to(device)
-               for s in sides]
-    f_hat_BCHW = vqvae.quantizer.indices_to_features(indices)
+    f_hat_BCHW = random_features(vqvae, batch, device)
     result = {"batch": batch, "flops_per_image": decoder_flops(vqvae, f_hat_BCHW[:1])}
 
     def autocast_decode():
@@ -308,13 +325,7 @@ def decoder_variants(vqvae: VQVAE, plain: FastDecoder, stats: FastDecoder, devic
     variants["compiled_channel_stats_norm"] = lambda: stats.decode(f_hat_BCHW)
     variants["compiled_torch_group_norm" if plain.compiled else "eager_torch_group_norm"] = lambda: plain.decode(f_hat_BCHW)
     for name, function in variants.items():
-        start = time.perf_counter()
-        function()
-        sync(device)
-        warm_s = time.perf_counter() - start
-        seconds = timed(function, device, reps)
-        result[name] = {"images_per_s": round(batch / seconds, 1), "first_call_s": round(warm_s, 1)}
-        result[name]["utilisation"] = round(result["flops_per_image"] * batch / seconds / BF16_RATE, 3)
+        result[name] = time_decode(function, device, batch, reps, result["flops_per_image"])
     result["profile_torch_group_norm"] = profile_top(lambda: plain.decode(f_hat_BCHW), device, top=25)
     result["profile_channel_stats_norm"] = profile_top(variants["compiled_channel_stats_norm"], device, top=25)
     return result
@@ -324,22 +335,12 @@ def decoder_variants(vqvae: VQVAE, plain: FastDecoder, stats: FastDecoder, devic
 def decoder_autotune(vqvae: VQVAE, device: torch.device, batch: int, reps: int) -> dict[str, Any]:
     """The default decoder compiled with ``mode="max-autotune-no-cudagraphs"`` (Triton convolution templates
     benchmarked against cuDNN, epilogues fused into the winners): images/s and the compile time it costs."""
-    generator = torch.Generator().manual_seed(3)
-    indices = [torch.randint(vqvae.quantizer.config.codebook_size, (batch, s, s), generator=generator).to(device)
-               for s in vqvae.quantizer.patch_sides]
-    f_hat_BCHW = vqvae.quantizer.indices_to_features(indices)
+    f_hat_BCHW = random_features(vqvae, batch, device)
     decoder = FastDecoder(vqvae, compile=False, channels_last=True)
     decoder._forward = torch.compile(decoder.path, dynamic=None, mode="max-autotune-no-cudagraphs")
     decoder.compiled = True
-    start = time.perf_counter()
-    decoder.decode(f_hat_BCHW)
-    sync(device)
-    warm_s = time.perf_counter() - start
-    seconds = timed(lambda: decoder.decode(f_hat_BCHW), device, reps)
-    flops = decoder_flops(vqvae, f_hat_BCHW[:1])
-    return {"batch": batch, "images_per_s": round(batch / seconds, 1), "first_call_s": round(warm_s, 1),
-            "utilisation": round(flops * batch / seconds / BF16_RATE, 3),
-            "profile": profile_top(lambda: decoder.decode(f_hat_BCHW), device)}
+    row = time_decode(lambda: decoder.decode(f_hat_BCHW), device, batch, reps, decoder_flops(vqvae, f_hat_BCHW[:1]))
+    return {"batch": batch, **row, "profile": profile_top(lambda: decoder.decode(f_hat_BCHW), device)}
 
 
 def profile_top(function: Callable[[], Any], device: torch.device, top: int = 15) -> list[dict[str, Any]]:
@@ -732,11 +733,7 @@ def part_d(report: Report, device: torch.device, smoke: bool, deadline: float) -
 def decoder_by_batch(vqvae: VQVAE, device: torch.device, batches: tuple[int, ...], deadline: float) -> dict[str, Any]:
     """ms per decode of ``batch`` images with the per-channel-statistics GroupNorm and with torch's, each
     compiled (dynamic batch) and warmed at every size first."""
-    generator = torch.Generator().manual_seed(3)
-    largest = max(batches)
-    indices = [torch.randint(vqvae.quantizer.config.codebook_size, (largest, s, s), generator=generator).to(device)
-               for s in vqvae.quantizer.patch_sides]
-    f_hat_BCHW = vqvae.quantizer.indices_to_features(indices)
+    f_hat_BCHW = random_features(vqvae, max(batches), device)
     result: dict[str, Any] = {}
     for name, stats in (("channel_stats", True), ("torch_group_norm", False)):
         decoder = FastDecoder(vqvae, channel_stats_norm=stats, channel_stats_min_batch=1)
@@ -760,35 +757,21 @@ def decoder_by_batch(vqvae: VQVAE, device: torch.device, batches: tuple[int, ...
 def decoder_chunks(vqvae: VQVAE, decoder: FastDecoder, device: torch.device, batch: int, reps: int) -> dict[str, Any]:
     """The default decoder alone at ``batch``: one call, and the batch in chunks of half (the chunk is set
     by hand), with the kernel profile of the whole-batch call."""
-    generator = torch.Generator().manual_seed(3)
-    indices = [torch.randint(vqvae.quantizer.config.codebook_size, (batch, s, s), generator=generator).to(device)
-               for s in vqvae.quantizer.patch_sides]
-    f_hat_BCHW = vqvae.quantizer.indices_to_features(indices)
+    f_hat_BCHW = random_features(vqvae, batch, device)
     flops = decoder_flops(vqvae, f_hat_BCHW[:1])
     result: dict[str, Any] = {"batch": batch, "flops_per_image": flops, "channel_stats_norm": decoder.channel_stats_norm}
     for name, chunk in (("whole_batch", batch), ("half_batch_chunks", max(1, batch // 2))):
         decoder._chunk = chunk
-        start = time.perf_counter()
-        decoder.decode(f_hat_BCHW)
-        sync(device)
-        warm_s = time.perf_counter() - start
-        seconds = timed(lambda: decoder.decode(f_hat_BCHW), device, reps)
-        result[name] = {"images_per_s": round(batch / seconds, 1), "first_call_s": round(warm_s, 1),
-                        "utilisation": round(flops * batch / seconds / BF16_RATE, 3)}
+        result[name] = time_decode(lambda: decoder.decode(f_hat_BCHW), device, batch, reps, flops)
     decoder._chunk = None
     result["profile"] = profile_top(lambda: decoder.decode(f_hat_BCHW), device, top=25)
     if device.type == "cuda":  # inductor's coordinate-descent tuning of its Triton kernels (the norms, SiLU, adds)
         import torch._inductor.config  # noqa: F401  (torch.compile imports it lazily)
 
         tuned = FastDecoder(vqvae)
-        start = time.perf_counter()
-        with torch._inductor.config.patch(coordinate_descent_tuning=True):
-            tuned.decode(f_hat_BCHW)
-            sync(device)
-        warm_s = time.perf_counter() - start
-        seconds = timed(lambda: tuned.decode(f_hat_BCHW), device, reps)
-        result["coordinate_descent_tuned"] = {"images_per_s": round(batch / seconds, 1), "first_call_s": round(warm_s, 1),
-                                              "utilisation": round(flops * batch / seconds / BF16_RATE, 3)}
+        result["coordinate_descent_tuned"] = time_decode(
+            lambda: tuned.decode(f_hat_BCHW), device, batch, reps, flops,
+            setup=lambda: torch._inductor.config.patch(coordinate_descent_tuning=True))
     return result
 
 
