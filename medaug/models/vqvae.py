@@ -552,12 +552,14 @@ class FastDecoder:
         self.stats_path = self._decode_path(vqvae, norm_row_bands) if self.channel_stats_norm else None
         self._upsampler: CodeUpsampler | None = None
         self._chunk: int | None = None
-        self._forward = torch.compile(self.path, dynamic=None) if self.compiled else self.path
-        self._stats_forward = None
-        if self.stats_path is not None:
-            self._stats_forward = torch.compile(self.stats_path, dynamic=None) if self.compiled else self.stats_path
+        self._forward = self._runner(self.path)
+        self._stats_forward = self._runner(self.stats_path) if self.stats_path is not None else None
         if cuda:
             torch.backends.cudnn.benchmark = True
+
+    def _runner(self, path: _DecodePath) -> Any:
+        """``path`` compiled (dynamic batch) when ``compiled``, else itself."""
+        return torch.compile(path, dynamic=None) if self.compiled else path
 
     def _decode_path(self, vqvae: VQVAE, row_bands: int | None) -> _DecodePath:
         """A copy of the decode path in ``dtype`` (upsamples folded if set); with ``row_bands``, its GroupNorms

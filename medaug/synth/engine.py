@@ -114,6 +114,11 @@ class SynthGenerator:
     @property
     def queues_on_device(self) -> bool:
         """Whether :meth:`submit` returns before the device has finished (the fast path on CUDA)."""
+        return self.fast_on_cuda
+
+    @property
+    def fast_on_cuda(self) -> bool:
+        """Whether batches run through FastSampler + FastDecoder on a GPU (whose settings a run records)."""
         return self.fast and self.device.type == "cuda"
 
     @property
@@ -245,7 +250,7 @@ class SynthGenerator:
     def decoder_record(self) -> dict[str, bool] | None:
         """The fast path's decoder settings on CUDA, {"compiled", "channel_stats_norm"} (class docstring); None
         where they do not apply (the CPU, where the decoder is exact, or the basic path)."""
-        if not (self.fast and self.device.type == "cuda"):
+        if not self.fast_on_cuda:
             return None
         if self._fast_decoder is not None:
             return {"compiled": self._fast_decoder.compiled, "channel_stats_norm": self._fast_decoder.channel_stats_norm}
@@ -259,7 +264,7 @@ class SynthGenerator:
     def adopt_decoder(self, record: dict[str, Any] | None) -> None:
         """Decode as a run recorded (:meth:`decoder_record`; None: a run from before the record, which decoded
         as :data:`LEGACY_DECODER`). Nothing changes where the record does not apply."""
-        if not (self.fast and self.device.type == "cuda"):
+        if not self.fast_on_cuda:
             return
         adopted = {key: bool((record or LEGACY_DECODER)[key]) for key in LEGACY_DECODER}
         if self._fast_decoder is not None and self.decoder_record() != adopted:
@@ -336,5 +341,5 @@ def export_affine(domain: dict[str, Any], size: int) -> np.ndarray:
     return canonical_affine(spacing, size, domain_plane(domain), slice_thickness_mm=spacing)
 
 
-__all__ = ["DECODER_COMPILE_MIN_SAMPLES", "DTYPES", "LEGACY_DECODER", "GeneratedBatch", "PendingBatch", "SynthGenerator", "decode_behind", "domain_plane",
-           "export_affine", "export_intensity"]
+__all__ = ["DECODER_COMPILE_MIN_SAMPLES", "DTYPES", "LEGACY_DECODER", "GeneratedBatch", "PendingBatch", "SynthGenerator",
+           "decode_behind", "domain_plane", "export_affine", "export_intensity"]
