@@ -451,20 +451,21 @@ class ChannelStatsGroupNorm(nn.Module):
     the partial means), and the output is one multiply-add per element with a (B, C) scale and shift,
     computed in float32 and returned in the input's dtype and memory layout. Heights that ``row_bands``
     does not divide use one band.
+
+    ``nhwc_view`` (default) computes on the (B, H, W, C) view, which on channels-last memory is contiguous:
+    inductor then iterates the multiply-add along memory. On the (B, C, H, W) view it generated 2-D tiled
+    kernels that moved ~2.5 TB/s on the H200 (session 7's decoder profile).
     """
 
-    def __init__(self, norm: nn.GroupNorm, row_bands: int = 1):
+    def __init__(self, norm: nn.GroupNorm, row_bands: int = 1, nhwc_view: bool = True):
         super().__init__()
-        self.num_groups, self.eps, self.row_bands = norm.num_groups, norm.eps, row_bands
+        self.num_groups, self.eps, self.row_bands, self.nhwc_view = norm.num_groups, norm.eps, row_bands, nhwc_view
         self.weight = nn.Parameter(norm.weight.detach().clone())
         self.bias = nn.Parameter(norm.bias.detach().clone())
 
-    def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
-        batch, channels, height, width = x_BCHW.shape
-        bands = self.row_bands if height % self.row_bands == 0 else 1
-        x32_BCHW = x_BCHW.float()
-        x32_BCShW = x32_BCHW.view(batch, channels, bands, height // bands, width)  # (B, C, bands, H/bands, W)
-        var_BCS, mean_BCS = torch.var_mean(x32_BCShW, dim=(3, 4), correction=0)
+    def _scale_shift(self, mean_BCS: torch.Tensor, var_BCS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, C) float32 scale and shift from per-channel, per-band means and variances (B, C, bands)."""
+        batch, channels, _ = mean_BCS.shape
         mean_BGn = mean_BCS.reshape(batch, self.num_groups, -1)  # (B, G, C/G·bands) partial means
         group_mean_BG1 = mean_BGn.mean(-1, keepdim=True)
         spread_BGn = var_BCS.reshape_as(mean_BGn) + (mean_BGn - group_mean_BG1) ** 2
@@ -472,19 +473,76 @@ class ChannelStatsGroupNorm(nn.Module):
         per_group = channels // self.num_groups
         scale_BC = rstd_BG1.expand(batch, self.num_groups, per_group).reshape(batch, channels) * self.weight.float()
         mean_BC = group_mean_BG1.expand(batch, self.num_groups, per_group).reshape(batch, channels)
-        shift_BC = self.bias.float() - mean_BC * scale_BC
-        out_BCHW = x32_BCHW * scale_BC[:, :, None, None] + shift_BC[:, :, None, None]
-        return out_BCHW.to(x_BCHW.dtype)
+        return scale_BC, self.bias.float() - mean_BC * scale_BC
+
+    def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
+        batch, channels, height, width = x_BCHW.shape
+        bands = self.row_bands if height % self.row_bands == 0 else 1
+        if not self.nhwc_view:
+            x32_BCHW = x_BCHW.float()
+            x32_BCShW = x32_BCHW.view(batch, channels, bands, height // bands, width)  # (B, C, bands, H/bands, W)
+            var_BCS, mean_BCS = torch.var_mean(x32_BCShW, dim=(3, 4), correction=0)
+            scale_BC, shift_BC = self._scale_shift(mean_BCS, var_BCS)
+            return (x32_BCHW * scale_BC[:, :, None, None] + shift_BC[:, :, None, None]).to(x_BCHW.dtype)
+        x32_BHWC = x_BCHW.permute(0, 2, 3, 1).float()  # a view of channels-last memory
+        x32_BSPC = x32_BHWC.reshape(batch, bands, (height // bands) * width, channels)  # P: pixels of a band
+        var_BSC, mean_BSC = torch.var_mean(x32_BSPC, dim=2, correction=0)
+        scale_BC, shift_BC = self._scale_shift(mean_BSC.transpose(1, 2), var_BSC.transpose(1, 2))
+        out_BHWC = (x32_BHWC * scale_BC[:, None, None, :] + shift_BC[:, None, None, :]).to(x_BCHW.dtype)
+        out_BCHW = out_BHWC.permute(0, 3, 1, 2)
+        return out_BCHW.contiguous() if x_BCHW.is_contiguous() else out_BCHW
 
 
-def channel_stats_group_norms(module: nn.Module, row_bands: int = 1) -> nn.Module:
+def channel_stats_group_norms(module: nn.Module, row_bands: int = 1, nhwc_view: bool = True) -> nn.Module:
     """Replace every :class:`nn.GroupNorm` inside ``module`` by its :class:`ChannelStatsGroupNorm` (in place)."""
     for name, child in module.named_children():
         if isinstance(child, nn.GroupNorm):
-            setattr(module, name, ChannelStatsGroupNorm(child, row_bands))
+            setattr(module, name, ChannelStatsGroupNorm(child, row_bands, nhwc_view))
         else:
-            channel_stats_group_norms(child, row_bands)
+            channel_stats_group_norms(child, row_bands, nhwc_view)
     return module
+
+
+class GemmSelfAttention(nn.Module):
+    """:class:`SelfAttention` for bfloat16 inference as two batched GEMMs with a float32 softmax.
+
+    The decoder's single head is ``C`` = 640 wide at 256², past the 256 that SDPA's fused CUDA kernels take,
+    so compiled bf16 SDPA ran inductor's math decomposition in float32 (FFMA GEMMs plus a padding kernel:
+    ~5 ms of the ~265 ms decode of 256 images on the H200, session 7). Here q·kᵀ and p·v are bf16 GEMMs
+    (float32 accumulation), the scores are scaled and soft-maxed in float32 and rounded to the input dtype
+    before p·v (as flash attention rounds p), and qkv/proj run as linear layers on the (B, H·W, C) view
+    (contiguous on channels-last memory). In float32 it computes :class:`SelfAttention`.
+    """
+
+    def __init__(self, attention: SelfAttention):
+        super().__init__()
+        self.norm = attention.norm
+        channels = attention.proj.in_channels
+        self.qkv = nn.Linear(channels, 3 * channels)
+        self.proj = nn.Linear(channels, channels)
+        with torch.no_grad():
+            self.qkv.weight.copy_(attention.qkv.weight.view(3 * channels, channels))
+            self.qkv.bias.copy_(attention.qkv.bias)
+            self.proj.weight.copy_(attention.proj.weight.view(channels, channels))
+            self.proj.bias.copy_(attention.proj.bias)
+        self.to(attention.proj.weight.device)
+
+    def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
+        batch, channels, height, width = x_BCHW.shape
+        h_BNC = self.norm(x_BCHW).permute(0, 2, 3, 1).reshape(batch, height * width, channels)
+        q_BNC, k_BNC, v_BNC = self.qkv(h_BNC).chunk(3, dim=-1)
+        scores_BNN = torch.bmm(q_BNC, k_BNC.transpose(1, 2)).float() * channels**-0.5
+        attended_BNC = torch.bmm(scores_BNN.softmax(dim=-1).to(v_BNC.dtype), v_BNC)
+        out_BHWC = self.proj(attended_BNC).view(batch, height, width, channels)
+        return x_BCHW + out_BHWC.permute(0, 3, 1, 2)
+
+
+def gemm_attentions(decoder: nn.Sequential) -> nn.Sequential:
+    """Replace every :class:`SelfAttention` of ``decoder`` by its :class:`GemmSelfAttention` (in place)."""
+    for index, layer in enumerate(decoder):
+        if isinstance(layer, SelfAttention):
+            decoder[index] = GemmSelfAttention(layer)
+    return decoder
 
 
 class _DecodePath(nn.Module):
@@ -512,6 +570,7 @@ class FastDecoder:
     batch dimension is dynamic, so one compile serves every batch size; a batch of one is padded to two).
     ``fold_upsample`` (default on CUDA) runs each nearest-×2 + 3×3 conv as one transposed conv
     (:class:`FoldedUpsample`: the same function, 10% fewer decoder FLOPs at 256²).
+    ``gemm_attention`` (default on CUDA) runs each self-attention as bf16 GEMMs (:class:`GemmSelfAttention`).
     ``channel_stats_norm`` runs each GroupNorm from per-channel statistics (:class:`ChannelStatsGroupNorm`:
     the same function, its reductions along channels-last memory; ``norm_row_bands`` bands of rows per
     channel; default when compiled on CUDA: at batch 256 on the H200 the compiled decoder made 974 images/s with it
@@ -536,8 +595,10 @@ class FastDecoder:
         channels_last: bool | None = None,
         compile: bool | None = None,
         fold_upsample: bool | None = None,
+        gemm_attention: bool | None = None,
         channel_stats_norm: bool | None = None,
         norm_row_bands: int = 1,
+        norm_nhwc_view: bool = True,
         channel_stats_min_batch: int = 32,
         max_chunk: int = 256,
     ):
@@ -550,6 +611,8 @@ class FastDecoder:
         self.channels_last = (cuda and self.compiled) if channels_last is None else channels_last
         self.max_chunk = max_chunk
         self.fold_upsample = cuda if fold_upsample is None else fold_upsample
+        self.gemm_attention = cuda if gemm_attention is None else gemm_attention
+        self.norm_nhwc_view = norm_nhwc_view
         self.channel_stats_norm = (cuda and self.compiled) if channel_stats_norm is None else channel_stats_norm
         self.channel_stats_min_batch = channel_stats_min_batch
         self.path = self._decode_path(vqvae, None)
@@ -566,13 +629,15 @@ class FastDecoder:
         return torch.compile(path, dynamic=None) if self.compiled else path
 
     def _decode_path(self, vqvae: VQVAE, row_bands: int | None) -> _DecodePath:
-        """A copy of the decode path in ``dtype`` (upsamples folded if set); with ``row_bands``, its GroupNorms
-        computed from per-channel statistics."""
+        """A copy of the decode path in ``dtype`` (upsamples folded, attention as GEMMs if set); with
+        ``row_bands``, its GroupNorms computed from per-channel statistics."""
         decoder = copy.deepcopy(vqvae.decoder)
         if self.fold_upsample:
             fold_upsamples(decoder)
+        if self.gemm_attention:
+            gemm_attentions(decoder)
         if row_bands is not None:
-            channel_stats_group_norms(decoder, row_bands)
+            channel_stats_group_norms(decoder, row_bands, self.norm_nhwc_view)
         path = _DecodePath(copy.deepcopy(vqvae.post_quant_conv), decoder).eval()
         path = path.to(self.dtype).requires_grad_(False)
         return path.to(memory_format=torch.channels_last) if self.channels_last else path
@@ -659,6 +724,7 @@ __all__ = [
     "FastDecoder",
     "ChannelStatsGroupNorm",
     "FoldedUpsample",
+    "GemmSelfAttention",
     "channel_stats_group_norms",
     "VQVAEConfig",
     "VQVAE",
@@ -668,6 +734,7 @@ __all__ = [
     "SelfAttention",
     "label_to_onehot",
     "fold_upsamples",
+    "gemm_attentions",
     "logits_to_label",
     "norm_groups",
 ]

@@ -3,6 +3,8 @@ KV cache against plain attention, the compiled functions against eager ones, the
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -251,6 +253,43 @@ def test_fast_decoder_with_folded_upsamples_matches_decode():
     torch.testing.assert_close(logits_BKHW, logits_ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels-last"])
+def test_gemm_attention_is_self_attention(channels_last):
+    from medaug.models.vqvae import GemmSelfAttention, SelfAttention
+
+    torch.manual_seed(12)
+    attention = SelfAttention(16, 4).eval()
+    x_BCHW = torch.randn(3, 16, 5, 4)
+    # independent reference: softmax(q kᵀ / √C) v by einsum, in float64
+    x64 = x_BCHW.double()
+    h64 = F.group_norm(x64, 4, attention.norm.weight.double(), attention.norm.bias.double(), eps=attention.norm.eps)
+    qkv = torch.einsum("oc,bchw->bohw", attention.qkv.weight.double()[:, :, 0, 0], h64)
+    qkv = qkv + attention.qkv.bias.double()[None, :, None, None]
+    q, k, v = (t.flatten(2) for t in qkv.chunk(3, dim=1))  # (B, C, N)
+    weights = torch.softmax(torch.einsum("bcn,bcm->bnm", q, k) / 16**0.5, dim=-1)
+    attended = torch.einsum("bnm,bcm->bcn", weights, v).reshape(3, 16, 5, 4)
+    proj = torch.einsum("oc,bchw->bohw", attention.proj.weight.double()[:, :, 0, 0], attended)
+    expected = x64 + proj + attention.proj.bias.double()[None, :, None, None]
+    gemm = GemmSelfAttention(attention).eval()
+    if channels_last:
+        x_BCHW = x_BCHW.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        out = gemm(x_BCHW)
+        out_bf16 = copy.deepcopy(gemm).to(torch.bfloat16)(x_BCHW.to(torch.bfloat16))
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    assert (out_bf16.double() - expected).norm() / expected.norm() < 2e-2
+
+
+def test_fast_decoder_with_gemm_attention_matches_decode():
+    vqvae, f_hat_BCHW, image_ref, logits_ref = _decode_reference(2, seed=13)
+    decoder = FastDecoder(vqvae, compile=False, channels_last=True, gemm_attention=True)
+    assert sum(m.__class__.__name__ == "GemmSelfAttention" for m in decoder.path.modules()) == \
+        sum(m.__class__.__name__ == "SelfAttention" for m in vqvae.decoder.modules()) > 0
+    image_BCHW, logits_BKHW = decoder.decode(f_hat_BCHW)
+    torch.testing.assert_close(image_BCHW, image_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(logits_BKHW, logits_ref, rtol=1e-4, atol=1e-4)
+
+
 def test_code_upsampler_is_the_quantizers_bicubic_path():
     from medaug.models.vqvae import CodeUpsampler
 
@@ -269,9 +308,10 @@ def test_code_upsampler_is_the_quantizers_bicubic_path():
                                    rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("nhwc_view", [True, False], ids=["nhwc-view", "nchw-view"])
 @pytest.mark.parametrize(("channels_last", "row_bands"), [(False, 1), (True, 1), (True, 5), (True, 2)],
                          ids=["nchw", "channels-last", "channels-last-5-bands", "2-bands-fall-back-to-1"])
-def test_channel_stats_group_norm_is_group_norm(channels_last, row_bands):
+def test_channel_stats_group_norm_is_group_norm(channels_last, row_bands, nhwc_view):
     from medaug.models.vqvae import ChannelStatsGroupNorm
 
     generator = torch.Generator().manual_seed(10)
@@ -285,7 +325,7 @@ def test_channel_stats_group_norm_is_group_norm(channels_last, row_bands):
     if channels_last:
         x_BCHW = x_BCHW.contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
-        out = ChannelStatsGroupNorm(norm, row_bands)(x_BCHW)
+        out = ChannelStatsGroupNorm(norm, row_bands, nhwc_view)(x_BCHW)
         expected = F.group_norm(x_BCHW.double(), 4, norm.weight.double(), norm.bias.double(), eps=1e-6)
     assert out.dtype == torch.float32 and out.is_contiguous(memory_format=torch.channels_last) == channels_last
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
