@@ -62,6 +62,7 @@ BF16_RATE = 790e12
 SETTINGS = dict(cfg=1.5, top_k=900, top_p=0.96, temperature=1.0)
 DOMAINS, STRUCTURES, IMAGE_CHANNELS = 4, 20, 2
 START = time.perf_counter()
+VARIANTS: set[str] | None = None  # --variants: the decoder variants part g times (None: all)
 
 
 class Report:
@@ -771,19 +772,18 @@ def decoder_chunks(vqvae: VQVAE, decoder: FastDecoder, device: torch.device, bat
 def part_g(report: Report, device: torch.device, smoke: bool, deadline: float) -> None:
     """The decoder alone at batch 256: each variant compiled and warmed, then timed in three round-robin
     rounds (so heat and clocks, which moved one variant 982 → 946 images/s between rounds in session 7,
-    treat all alike), then profiled. Variants: the shipped compiled default (GroupNorm statistics on the
-    NHWC view, attention as bf16 GEMMs), the session-6 decoder (neither), each change alone, and the eager
-    bfloat16 NCHW decoder that ``synthesize`` runs below 50,000 samples."""
+    treat all alike), then profiled. Variants (``--variants`` picks some): the shipped compiled default
+    (attention as bf16 GEMMs), the session-6 decoder (SDPA attention), and the eager bfloat16 NCHW decoder
+    that ``synthesize`` runs below 50,000 samples. ``MEDAUG_CUDNN_BENCHMARK_LIMIT`` (main) sets how many
+    cuDNN algorithms ``cudnn.benchmark`` tries per shape (torch's default 10; 0: all)."""
     _, vqvae = build_models("d16", device, smoke)
     batch, reps = (256, 5) if not smoke else (4, 1)
     f_hat_BCHW = random_features(vqvae, batch, device)
     flops = decoder_flops(vqvae, f_hat_BCHW[:1])
     result: dict[str, Any] = {"batch": batch, "flops_per_image": flops}
-    options = {"eager_bf16_nchw": dict(compile=False),
-               "compiled_default": {},
-               "compiled_session6": dict(gemm_attention=False, norm_nhwc_view=False),
-               "compiled_gemm_attention_only": dict(norm_nhwc_view=False),
-               "compiled_nhwc_norm_only": dict(gemm_attention=False)}
+    options = {"eager_bf16_nchw": dict(compile=False), "compiled_default": {},
+               "compiled_session6": dict(gemm_attention=False)}
+    options = {name: kwargs for name, kwargs in options.items() if VARIANTS is None or name in VARIANTS}
     decoders: dict[str, FastDecoder] = {}
     for name, kwargs in options.items():
         if left(deadline) < 75:
@@ -839,7 +839,12 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny models (checks the script on the CPU)")
     parser.add_argument("--deadline-s", type=float, default=480.0, help="skip what would not finish by then")
     parser.add_argument("--json-out", type=Path, default=None)
+    parser.add_argument("--variants", default=None, help="part g: comma-separated decoder variants (default all)")
     args = parser.parse_args()
+    global VARIANTS
+    VARIANTS = set(args.variants.split(",")) if args.variants else None
+    if os.environ.get("MEDAUG_CUDNN_BENCHMARK_LIMIT"):
+        torch.backends.cudnn.benchmark_limit = int(os.environ["MEDAUG_CUDNN_BENCHMARK_LIMIT"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "none"
     report = Report(args.json_out, device, benchmark="sample", part=args.part,
@@ -847,6 +852,7 @@ def main() -> None:
                     settings=SETTINGS, machine=common.machine(gpu=gpu, torch=torch.__version__,
                                                               python=platform.python_version()),
                     commit=os.environ.get("MEDAUG_COMMIT") or common.commit()["commit"])
+    report.put("cudnn_benchmark_limit", torch.backends.cudnn.benchmark_limit)
     {"a": part_a, "b": part_b, "s": part_s, "p": part_p, "f": part_f, "d": part_d,
      "g": part_g}[args.part](report, device, args.smoke, args.deadline_s)
     report.put("wall_s", round(time.perf_counter() - START, 1))

@@ -452,20 +452,23 @@ class ChannelStatsGroupNorm(nn.Module):
     computed in float32 and returned in the input's dtype and memory layout. Heights that ``row_bands``
     does not divide use one band.
 
-    ``nhwc_view`` (default) computes on the (B, H, W, C) view, which on channels-last memory is contiguous:
-    inductor then iterates the multiply-add along memory. On the (B, C, H, W) view it generated 2-D tiled
-    kernels that moved ~2.5 TB/s on the H200 (session 7's decoder profile).
+    Written on the (B, C, H, W) view on purpose: the same computation on the (B, H, W, C) view (contiguous
+    on channels-last memory) made inductor's multiply-add kernels slower, and the decoder 872 against 946
+    images/s at batch 256 on the H200 (session 7, ``results/sample-h200-session7.json``).
     """
 
-    def __init__(self, norm: nn.GroupNorm, row_bands: int = 1, nhwc_view: bool = True):
+    def __init__(self, norm: nn.GroupNorm, row_bands: int = 1):
         super().__init__()
-        self.num_groups, self.eps, self.row_bands, self.nhwc_view = norm.num_groups, norm.eps, row_bands, nhwc_view
+        self.num_groups, self.eps, self.row_bands = norm.num_groups, norm.eps, row_bands
         self.weight = nn.Parameter(norm.weight.detach().clone())
         self.bias = nn.Parameter(norm.bias.detach().clone())
 
-    def _scale_shift(self, mean_BCS: torch.Tensor, var_BCS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, C) float32 scale and shift from per-channel, per-band means and variances (B, C, bands)."""
-        batch, channels, _ = mean_BCS.shape
+    def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
+        batch, channels, height, width = x_BCHW.shape
+        bands = self.row_bands if height % self.row_bands == 0 else 1
+        x32_BCHW = x_BCHW.float()
+        x32_BCShW = x32_BCHW.view(batch, channels, bands, height // bands, width)  # (B, C, bands, H/bands, W)
+        var_BCS, mean_BCS = torch.var_mean(x32_BCShW, dim=(3, 4), correction=0)
         mean_BGn = mean_BCS.reshape(batch, self.num_groups, -1)  # (B, G, C/G·bands) partial means
         group_mean_BG1 = mean_BGn.mean(-1, keepdim=True)
         spread_BGn = var_BCS.reshape_as(mean_BGn) + (mean_BGn - group_mean_BG1) ** 2
@@ -473,33 +476,18 @@ class ChannelStatsGroupNorm(nn.Module):
         per_group = channels // self.num_groups
         scale_BC = rstd_BG1.expand(batch, self.num_groups, per_group).reshape(batch, channels) * self.weight.float()
         mean_BC = group_mean_BG1.expand(batch, self.num_groups, per_group).reshape(batch, channels)
-        return scale_BC, self.bias.float() - mean_BC * scale_BC
-
-    def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
-        batch, channels, height, width = x_BCHW.shape
-        bands = self.row_bands if height % self.row_bands == 0 else 1
-        if not self.nhwc_view:
-            x32_BCHW = x_BCHW.float()
-            x32_BCShW = x32_BCHW.view(batch, channels, bands, height // bands, width)  # (B, C, bands, H/bands, W)
-            var_BCS, mean_BCS = torch.var_mean(x32_BCShW, dim=(3, 4), correction=0)
-            scale_BC, shift_BC = self._scale_shift(mean_BCS, var_BCS)
-            return (x32_BCHW * scale_BC[:, :, None, None] + shift_BC[:, :, None, None]).to(x_BCHW.dtype)
-        x32_BHWC = x_BCHW.permute(0, 2, 3, 1).float()  # a view of channels-last memory
-        x32_BSPC = x32_BHWC.reshape(batch, bands, (height // bands) * width, channels)  # P: pixels of a band
-        var_BSC, mean_BSC = torch.var_mean(x32_BSPC, dim=2, correction=0)
-        scale_BC, shift_BC = self._scale_shift(mean_BSC.transpose(1, 2), var_BSC.transpose(1, 2))
-        out_BHWC = (x32_BHWC * scale_BC[:, None, None, :] + shift_BC[:, None, None, :]).to(x_BCHW.dtype)
-        out_BCHW = out_BHWC.permute(0, 3, 1, 2)
-        return out_BCHW.contiguous() if x_BCHW.is_contiguous() else out_BCHW
+        shift_BC = self.bias.float() - mean_BC * scale_BC
+        out_BCHW = x32_BCHW * scale_BC[:, :, None, None] + shift_BC[:, :, None, None]
+        return out_BCHW.to(x_BCHW.dtype)
 
 
-def channel_stats_group_norms(module: nn.Module, row_bands: int = 1, nhwc_view: bool = True) -> nn.Module:
+def channel_stats_group_norms(module: nn.Module, row_bands: int = 1) -> nn.Module:
     """Replace every :class:`nn.GroupNorm` inside ``module`` by its :class:`ChannelStatsGroupNorm` (in place)."""
     for name, child in module.named_children():
         if isinstance(child, nn.GroupNorm):
-            setattr(module, name, ChannelStatsGroupNorm(child, row_bands, nhwc_view))
+            setattr(module, name, ChannelStatsGroupNorm(child, row_bands))
         else:
-            channel_stats_group_norms(child, row_bands, nhwc_view)
+            channel_stats_group_norms(child, row_bands)
     return module
 
 
@@ -507,8 +495,9 @@ class GemmSelfAttention(nn.Module):
     """:class:`SelfAttention` for bfloat16 inference as two batched GEMMs with a float32 softmax.
 
     The decoder's single head is ``C`` = 640 wide at 256², past the 256 that SDPA's fused CUDA kernels take,
-    so compiled bf16 SDPA ran inductor's math decomposition in float32 (FFMA GEMMs plus a padding kernel:
-    ~5 ms of the ~265 ms decode of 256 images on the H200, session 7). Here q·kᵀ and p·v are bf16 GEMMs
+    so compiled bf16 SDPA ran inductor's math decomposition in float32 (FFMA GEMMs: ~4 ms of the ~265 ms
+    decode of 256 images on the H200; with this module the compiled decoder made 965 against 946 images/s,
+    session 7, ``results/sample-h200-session7.json``). Here q·kᵀ and p·v are bf16 GEMMs
     (float32 accumulation), the scores are scaled and soft-maxed in float32 and rounded to the input dtype
     before p·v (as flash attention rounds p), and qkv/proj run as linear layers on the (B, H·W, C) view
     (contiguous on channels-last memory). In float32 it computes :class:`SelfAttention`.
@@ -598,7 +587,6 @@ class FastDecoder:
         gemm_attention: bool | None = None,
         channel_stats_norm: bool | None = None,
         norm_row_bands: int = 1,
-        norm_nhwc_view: bool = True,
         channel_stats_min_batch: int = 32,
         max_chunk: int = 256,
     ):
@@ -612,7 +600,6 @@ class FastDecoder:
         self.max_chunk = max_chunk
         self.fold_upsample = cuda if fold_upsample is None else fold_upsample
         self.gemm_attention = cuda if gemm_attention is None else gemm_attention
-        self.norm_nhwc_view = norm_nhwc_view
         self.channel_stats_norm = (cuda and self.compiled) if channel_stats_norm is None else channel_stats_norm
         self.channel_stats_min_batch = channel_stats_min_batch
         self.path = self._decode_path(vqvae, None)
@@ -637,7 +624,7 @@ class FastDecoder:
         if self.gemm_attention:
             gemm_attentions(decoder)
         if row_bands is not None:
-            channel_stats_group_norms(decoder, row_bands, self.norm_nhwc_view)
+            channel_stats_group_norms(decoder, row_bands)
         path = _DecodePath(copy.deepcopy(vqvae.post_quant_conv), decoder).eval()
         path = path.to(self.dtype).requires_grad_(False)
         return path.to(memory_format=torch.channels_last) if self.channels_last else path
