@@ -559,7 +559,12 @@ class FastDecoder:
     batch dimension is dynamic, so one compile serves every batch size; a batch of one is padded to two).
     ``fold_upsample`` (default on CUDA) runs each nearest-×2 + 3×3 conv as one transposed conv
     (:class:`FoldedUpsample`: the same function, 10% fewer decoder FLOPs at 256²).
-    ``gemm_attention`` (default on CUDA) runs each self-attention as bf16 GEMMs (:class:`GemmSelfAttention`).
+    ``gemm_attention`` runs each self-attention as bf16 GEMMs (:class:`GemmSelfAttention`): True on both
+    paths, False on neither; by default on the per-channel-statistics path (chunks of at least
+    ``channel_stats_min_batch`` images), where it was measured (compiled, batch 256 on the H200: 965 against
+    946 images/s, same run), and not on the small-batch path, whose one-image latency was measured with
+    SDPA (d16, one image with decode: 15.7 ms; 20.5 ms in a later run with GEMM attention on every path,
+    not isolated from run-to-run variation; session 7).
     ``channel_stats_norm`` runs each GroupNorm from per-channel statistics (:class:`ChannelStatsGroupNorm`:
     the same function, its reductions along channels-last memory; ``norm_row_bands`` bands of rows per
     channel; default when compiled on CUDA: at batch 256 on the H200 the compiled decoder made 974 images/s with it
@@ -599,7 +604,7 @@ class FastDecoder:
         self.channels_last = (cuda and self.compiled) if channels_last is None else channels_last
         self.max_chunk = max_chunk
         self.fold_upsample = cuda if fold_upsample is None else fold_upsample
-        self.gemm_attention = cuda if gemm_attention is None else gemm_attention
+        self.gemm_attention = gemm_attention
         self.channel_stats_norm = (cuda and self.compiled) if channel_stats_norm is None else channel_stats_norm
         self.channel_stats_min_batch = channel_stats_min_batch
         self.path = self._decode_path(vqvae, None)
@@ -621,7 +626,7 @@ class FastDecoder:
         decoder = copy.deepcopy(vqvae.decoder)
         if self.fold_upsample:
             fold_upsamples(decoder)
-        if self.gemm_attention:
+        if self.gemm_attention or (self.gemm_attention is None and row_bands is not None):
             gemm_attentions(decoder)
         if row_bands is not None:
             channel_stats_group_norms(decoder, row_bands)

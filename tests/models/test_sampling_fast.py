@@ -290,6 +290,19 @@ def test_fast_decoder_with_gemm_attention_matches_decode():
     torch.testing.assert_close(logits_BKHW, logits_ref, rtol=1e-4, atol=1e-4)
 
 
+def test_gemm_attention_defaults_to_the_large_batch_path_only():
+    vqvae = _vqvae()
+
+    def gemm_paths(decoder: FastDecoder) -> list[bool]:
+        paths = [decoder.path] + ([decoder.stats_path] if decoder.stats_path is not None else [])
+        return [any(m.__class__.__name__ == "GemmSelfAttention" for m in path.modules()) for path in paths]
+
+    assert gemm_paths(FastDecoder(vqvae, compile=False, channel_stats_norm=True)) == [False, True]
+    assert gemm_paths(FastDecoder(vqvae, compile=False, channel_stats_norm=True, gemm_attention=True)) == [True, True]
+    assert gemm_paths(FastDecoder(vqvae, compile=False, channel_stats_norm=True, gemm_attention=False)) == [False, False]
+    assert gemm_paths(FastDecoder(vqvae, compile=False)) == [False]
+
+
 def test_code_upsampler_is_the_quantizers_bicubic_path():
     from medaug.models.vqvae import CodeUpsampler
 
