@@ -577,8 +577,6 @@ class FastDecoder:
     convolution algorithms, picked per shape) does not depend on what else holds memory at the time (the
     decode may run on a side stream beside sampling); after an out-of-memory error the chunk halves, with a
     warning, and stays halved.
-    ``streams`` > 1 (CUDA) splits each chunk into that many parts decoded concurrently on their own
-    streams (the images are independent: the same outputs); not yet measured, so off by default.
     With float32 weights and every option off it computes exactly :meth:`VQVAE.decode`.
     On CUDA it turns on ``torch.backends.cudnn.benchmark`` (convolution algorithms picked per shape).
     """
@@ -596,7 +594,6 @@ class FastDecoder:
         norm_row_bands: int = 1,
         channel_stats_min_batch: int = 32,
         max_chunk: int = 256,
-        streams: int = 1,
     ):
         self.config = vqvae.config
         self.device = vqvae.post_quant_conv.weight.device
@@ -616,7 +613,6 @@ class FastDecoder:
         self._chunk: int | None = None
         self._forward = self._runner(self.path)
         self._stats_forward = self._runner(self.stats_path) if self.stats_path is not None else None
-        self._streams = [torch.cuda.Stream(self.device) for _ in range(streams)] if cuda and streams > 1 else []
         if cuda:
             torch.backends.cudnn.benchmark = True
 
@@ -656,8 +652,7 @@ class FastDecoder:
         while True:
             chunk = self.chunk_size()
             try:
-                outputs = [self._decode_concurrently(f_hat_BCHW[s:s + chunk])
-                           for s in range(0, f_hat_BCHW.shape[0], chunk)]
+                outputs = [self._decode_chunk(f_hat_BCHW[s:s + chunk]) for s in range(0, f_hat_BCHW.shape[0], chunk)]
                 break
             except torch.cuda.OutOfMemoryError:
                 if chunk == 1:
@@ -674,24 +669,6 @@ class FastDecoder:
         if self.config.num_structures:
             return image_BCHW, out_BCHW[:, channels:]
         return image_BCHW, out_BCHW.new_zeros(out_BCHW.shape[0], 1, *out_BCHW.shape[2:])
-
-    def _decode_concurrently(self, f_hat_BCHW: torch.Tensor) -> torch.Tensor:
-        """A chunk split into ``streams`` equal parts, each decoded on its own CUDA stream (so one part's
-        memory-bound normalisation kernels can run beside another's convolutions), when every part keeps
-        at least ``channel_stats_min_batch`` images (the path a chunk of that size takes); else in one call."""
-        parts = len(self._streams)
-        if parts < 2 or f_hat_BCHW.shape[0] < parts * self.channel_stats_min_batch:
-            return self._decode_chunk(f_hat_BCHW)
-        current = torch.cuda.current_stream(self.device)
-        outputs = []
-        for part_BCHW, stream in zip(f_hat_BCHW.tensor_split(parts), self._streams):
-            stream.wait_stream(current)
-            with torch.cuda.stream(stream):
-                outputs.append(self._decode_chunk(part_BCHW))
-        for out_BCHW, stream in zip(outputs, self._streams):
-            current.wait_stream(stream)
-            out_BCHW.record_stream(current)  # made on `stream`, read on `current` by the cat below
-        return torch.cat(outputs)
 
     def _decode_chunk(self, f_hat_BCHW: torch.Tensor) -> torch.Tensor:
         batch = f_hat_BCHW.shape[0]

@@ -290,18 +290,6 @@ def test_fast_decoder_with_gemm_attention_matches_decode():
     torch.testing.assert_close(logits_BKHW, logits_ref, rtol=1e-4, atol=1e-4)
 
 
-def test_fast_decoder_split_over_streams_decodes_the_same():
-    vqvae, f_hat_BCHW, image_ref, logits_ref = _decode_reference(4, seed=14)
-    decoder = FastDecoder(vqvae, compile=False, streams=2, channel_stats_min_batch=2)
-    image_BCHW, logits_BKHW = decoder.decode(f_hat_BCHW)  # on the CPU: one call, no streams
-    torch.testing.assert_close(image_BCHW, image_ref, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(logits_BKHW, logits_ref, rtol=1e-4, atol=1e-4)
-    if torch.cuda.is_available():
-        gpu = FastDecoder(vqvae.cuda(), compile=False, dtype=torch.float32, streams=2, channel_stats_min_batch=2)
-        image_gpu, logits_gpu = gpu.decode(f_hat_BCHW.cuda())
-        torch.testing.assert_close(image_gpu.cpu(), image_ref, rtol=1e-4, atol=1e-4)
-
-
 def test_gemm_attention_defaults_to_the_large_batch_path_only():
     vqvae = _vqvae()
 
