@@ -141,9 +141,9 @@ class SelfAttention(nn.Module):
 
     def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
         batch, channels, height, width = x_BCHW.shape
-        # (B, H·W, 3C) rows, channels contiguous: a view on channels-last memory, a copy on NCHW. SDPA's fused
-        # kernels need a unit stride along C; with q/k/v as strided (B, C, H·W) transposes, bf16 attention on
-        # CUDA fell back to the float32 math path (the H200 decoder profile, session 6).
+        # (B, H·W, 3C) rows, channels contiguous (a view on channels-last memory, a copy on NCHW): SDPA's fused
+        # kernels need a unit stride along C. The compiled bf16 decoder still ran the float32 math path for the
+        # 640-wide head on the H200 (session 7), hence FastDecoder's GemmSelfAttention.
         qkv_BHW3C = self.qkv(self.norm(x_BCHW)).permute(0, 2, 3, 1).contiguous()
         qkv_BN3C = qkv_BHW3C.view(batch, height * width, 3 * channels)
         q_BNC, k_BNC, v_BNC = qkv_BN3C.chunk(3, dim=-1)  # each (B, H·W, C), channels [0:C], [C:2C], [2C:3C]
