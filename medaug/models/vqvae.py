@@ -141,12 +141,8 @@ class SelfAttention(nn.Module):
 
     def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
         batch, channels, height, width = x_BCHW.shape
-        # (B, H·W, 3C) rows, channels contiguous (a view on channels-last memory, a copy on NCHW): SDPA's fused
-        # kernels need a unit stride along C. The compiled bf16 decoder still ran the float32 math path for the
-        # 640-wide head on the H200 (session 7), hence FastDecoder's GemmSelfAttention.
-        qkv_BHW3C = self.qkv(self.norm(x_BCHW)).permute(0, 2, 3, 1).contiguous()
-        qkv_BN3C = qkv_BHW3C.view(batch, height * width, 3 * channels)
-        q_BNC, k_BNC, v_BNC = qkv_BN3C.chunk(3, dim=-1)  # each (B, H·W, C), channels [0:C], [C:2C], [2C:3C]
+        qkv_B3CN = self.qkv(self.norm(x_BCHW)).reshape(batch, 3, channels, height * width)  # copies if channels-last
+        q_BNC, k_BNC, v_BNC = qkv_B3CN.transpose(2, 3).unbind(dim=1)  # each (B, H·W, C)
         out_BNC = F.scaled_dot_product_attention(q_BNC, k_BNC, v_BNC)
         out_BCHW = out_BNC.transpose(1, 2).reshape(batch, channels, height, width)
         return x_BCHW + self.proj(out_BCHW)
