@@ -555,12 +555,11 @@ class FastDecoder:
     batch dimension is dynamic, so one compile serves every batch size; a batch of one is padded to two).
     ``fold_upsample`` (default on CUDA) runs each nearest-×2 + 3×3 conv as one transposed conv
     (:class:`FoldedUpsample`: the same function, 10% fewer decoder FLOPs at 256²).
-    ``gemm_attention`` runs each self-attention as bf16 GEMMs (:class:`GemmSelfAttention`): True on both
-    paths, False on neither; by default on the per-channel-statistics path (chunks of at least
-    ``channel_stats_min_batch`` images), where it was measured (compiled, batch 256 on the H200: 965 against
-    946 images/s, same run), and not on the small-batch path, whose one-image latency was measured with
-    SDPA (d16, one image with decode: 15.7 ms; 20.5 ms in a later run with GEMM attention on every path,
-    not isolated from run-to-run variation; session 7).
+    ``gemm_attention`` (default True) runs each self-attention of the per-channel-statistics path (chunks of
+    at least ``channel_stats_min_batch`` images) as bf16 GEMMs (:class:`GemmSelfAttention`), where it was
+    measured (compiled, batch 256 on the H200: 965 against 946 images/s, same run). The small-batch path
+    keeps SDPA: its one-image latency was measured with it (d16, one image with decode: 15.7 ms; 20.5 ms in
+    a later run with GEMM attention on every path, not isolated from run-to-run variation; session 7).
     ``channel_stats_norm`` runs each GroupNorm from per-channel statistics (:class:`ChannelStatsGroupNorm`:
     the same function, its reductions along channels-last memory; ``norm_row_bands`` bands of rows per
     channel; default when compiled on CUDA: at batch 256 on the H200 the compiled decoder made 974 images/s with it
@@ -585,7 +584,7 @@ class FastDecoder:
         channels_last: bool | None = None,
         compile: bool | None = None,
         fold_upsample: bool | None = None,
-        gemm_attention: bool | None = None,
+        gemm_attention: bool = True,
         channel_stats_norm: bool | None = None,
         norm_row_bands: int = 1,
         channel_stats_min_batch: int = 32,
@@ -617,12 +616,12 @@ class FastDecoder:
         return torch.compile(path, dynamic=None) if self.compiled else path
 
     def _decode_path(self, vqvae: VQVAE, row_bands: int | None) -> _DecodePath:
-        """A copy of the decode path in ``dtype`` (upsamples folded, attention as GEMMs if set); with
-        ``row_bands``, its GroupNorms computed from per-channel statistics."""
+        """A copy of the decode path in ``dtype`` (upsamples folded if set); with ``row_bands``, its GroupNorms
+        computed from per-channel statistics (and its attention as GEMMs if set)."""
         decoder = copy.deepcopy(vqvae.decoder)
         if self.fold_upsample:
             fold_upsamples(decoder)
-        if self.gemm_attention or (self.gemm_attention is None and row_bands is not None):
+        if self.gemm_attention and row_bands is not None:
             gemm_attentions(decoder)
         if row_bands is not None:
             channel_stats_group_norms(decoder, row_bands)

@@ -68,8 +68,9 @@ DECODER_COMPILE_MIN_SAMPLES = 50_000
 """Samples from which the fast path compiles its decoder. On the H200 at batch 256 the compiled decoder makes
 ~970 images/s and the eager one (bf16, NCHW) 501, 0.97 ms less per image, but compiling costs 50-60 s in a
 fresh process: it pays from ~55,000 images (``benchmarks/results/sample-h200-session6.json``)."""
-LEGACY_DECODER = {"compiled": True, "channel_stats_norm": False}
-"""The fast path's decoder in runs whose synthesize.json records none (made before the record existed)."""
+LEGACY_DECODER = {"compiled": True, "channel_stats_norm": False, "gemm_attention": False}
+"""The fast path's decoder in runs whose synthesize.json records none (made before the record existed); a
+record without a key (``gemm_attention``: runs made before it was recorded) takes the key's value here."""
 
 
 class SynthGenerator:
@@ -244,29 +245,32 @@ class SynthGenerator:
         if self._fast_decoder is None:
             options = self.decoder_record() or {}
             self._fast_decoder = FastDecoder(self.vqvae, compile=options.get("compiled"),
-                                             channel_stats_norm=options.get("channel_stats_norm"))
+                                             channel_stats_norm=options.get("channel_stats_norm"),
+                                             gemm_attention=options.get("gemm_attention", True))
         return self._fast_sampler, self._fast_decoder
 
     def decoder_record(self) -> dict[str, bool] | None:
-        """The fast path's decoder settings on CUDA, {"compiled", "channel_stats_norm"} (class docstring); None
-        where they do not apply (the CPU, where the decoder is exact, or the basic path)."""
+        """The fast path's decoder settings on CUDA, {"compiled", "channel_stats_norm", "gemm_attention"} (class
+        docstring); None where they do not apply (the CPU, where the decoder is exact, or the basic path)."""
         if not self.fast_on_cuda:
             return None
         if self._fast_decoder is not None:
-            return {"compiled": self._fast_decoder.compiled, "channel_stats_norm": self._fast_decoder.channel_stats_norm}
+            decoder = self._fast_decoder
+            return {"compiled": decoder.compiled, "channel_stats_norm": decoder.channel_stats_norm,
+                    "gemm_attention": decoder.gemm_attention}
         if self._adopted_decoder is not None:
             return dict(self._adopted_decoder)
         compiled = self.compile_decoder
         if compiled is None:
             compiled = self.expected_samples is None or self.expected_samples >= DECODER_COMPILE_MIN_SAMPLES
-        return {"compiled": compiled, "channel_stats_norm": compiled}
+        return {"compiled": compiled, "channel_stats_norm": compiled, "gemm_attention": True}
 
     def adopt_decoder(self, record: dict[str, Any] | None) -> None:
         """Decode as a run recorded (:meth:`decoder_record`; None: a run from before the record, which decoded
         as :data:`LEGACY_DECODER`). Nothing changes where the record does not apply."""
         if not self.fast_on_cuda:
             return
-        adopted = {key: bool((record or LEGACY_DECODER)[key]) for key in LEGACY_DECODER}
+        adopted = {key: bool((record or {}).get(key, legacy)) for key, legacy in LEGACY_DECODER.items()}
         if self._fast_decoder is not None and self.decoder_record() != adopted:
             self._fast_decoder = None  # built with other settings: rebuilt on next use
         self._adopted_decoder = adopted

@@ -274,15 +274,15 @@ def test_gemm_attention_is_self_attention(channels_last):
 
 def test_fast_decoder_with_gemm_attention_matches_decode():
     vqvae, f_hat_BCHW, image_ref, logits_ref = _decode_reference(2, seed=13)
-    decoder = FastDecoder(vqvae, compile=False, channels_last=True, gemm_attention=True)
-    assert sum(m.__class__.__name__ == "GemmSelfAttention" for m in decoder.path.modules()) == \
+    decoder = FastDecoder(vqvae, compile=False, channels_last=True, channel_stats_norm=True, channel_stats_min_batch=2)
+    assert sum(m.__class__.__name__ == "GemmSelfAttention" for m in decoder.stats_path.modules()) == \
         sum(m.__class__.__name__ == "SelfAttention" for m in vqvae.decoder.modules()) > 0
     image_BCHW, logits_BKHW = decoder.decode(f_hat_BCHW)
     torch.testing.assert_close(image_BCHW, image_ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(logits_BKHW, logits_ref, rtol=1e-4, atol=1e-4)
 
 
-def test_gemm_attention_defaults_to_the_large_batch_path_only():
+def test_gemm_attention_runs_on_the_large_batch_path_only():
     vqvae = _vqvae()
 
     def gemm_paths(decoder: FastDecoder) -> list[bool]:
@@ -290,7 +290,6 @@ def test_gemm_attention_defaults_to_the_large_batch_path_only():
         return [any(m.__class__.__name__ == "GemmSelfAttention" for m in path.modules()) for path in paths]
 
     assert gemm_paths(FastDecoder(vqvae, compile=False, channel_stats_norm=True)) == [False, True]
-    assert gemm_paths(FastDecoder(vqvae, compile=False, channel_stats_norm=True, gemm_attention=True)) == [True, True]
     assert gemm_paths(FastDecoder(vqvae, compile=False, channel_stats_norm=True, gemm_attention=False)) == [False, False]
     assert gemm_paths(FastDecoder(vqvae, compile=False)) == [False]
 

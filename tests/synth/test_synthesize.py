@@ -530,7 +530,8 @@ def test_the_decoder_is_compiled_only_for_runs_where_compiling_pays_and_resumes_
     generator.adopt_decoder({"compiled": True, "channel_stats_norm": True})
     assert generator.decoder_record() is None
     generator.device = torch.device("cuda")  # the rule alone: nothing runs on it
-    compiled, eager = {"compiled": True, "channel_stats_norm": True}, {"compiled": False, "channel_stats_norm": False}
+    compiled = {"compiled": True, "channel_stats_norm": True, "gemm_attention": True}
+    eager = {"compiled": False, "channel_stats_norm": False, "gemm_attention": True}
     assert generator.decoder_record() == compiled  # a dataset drawing epoch after epoch (GeneratorDataset)
     generator.expected_samples = DECODER_COMPILE_MIN_SAMPLES - 1
     assert generator.decoder_record() == eager
@@ -539,9 +540,12 @@ def test_the_decoder_is_compiled_only_for_runs_where_compiling_pays_and_resumes_
     generator.compile_decoder = False
     assert generator.decoder_record() == eager
     generator.adopt_decoder(None)  # a run from before the record: as it decoded then
-    assert generator.decoder_record() == LEGACY_DECODER == {"compiled": True, "channel_stats_norm": False}
+    assert generator.decoder_record() == LEGACY_DECODER == {"compiled": True, "channel_stats_norm": False,
+                                                            "gemm_attention": False}
     generator.adopt_decoder(compiled)
     assert generator.decoder_record() == compiled
+    generator.adopt_decoder({"compiled": True, "channel_stats_norm": True})  # recorded before gemm_attention
+    assert generator.decoder_record() == {**compiled, "gemm_attention": False}
 
 
 def test_a_run_records_its_decoder_settings(tiny_synthesis):
