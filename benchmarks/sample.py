@@ -783,6 +783,9 @@ def part_g(report: Report, device: torch.device, smoke: bool, deadline: float) -
     result: dict[str, Any] = {"batch": batch, "flops_per_image": flops}
     options = {"eager_bf16_nchw": dict(compile=False), "compiled_default": {},
                "compiled_session6": dict(gemm_attention=False)}
+    unknown = (VARIANTS or set()) - set(options)
+    if unknown:
+        raise SystemExit(f"--variants: unknown {sorted(unknown)}; expected some of {sorted(options)}")
     options = {name: kwargs for name, kwargs in options.items() if VARIANTS is None or name in VARIANTS}
     decoders: dict[str, FastDecoder] = {}
     for name, kwargs in options.items():

@@ -267,7 +267,7 @@ def test_gemm_attention_is_self_attention(channels_last):
         x_BCHW = x_BCHW.contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         out = gemm(x_BCHW)
-        out_bf16 = copy.deepcopy(gemm).to(torch.bfloat16)(x_BCHW.to(torch.bfloat16))
+        out_bf16 = GemmSelfAttention(copy.deepcopy(attention).to(torch.bfloat16))(x_BCHW.to(torch.bfloat16))
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
     assert (out_bf16.double() - expected).norm() / expected.norm() < 2e-2
 

@@ -548,6 +548,19 @@ def test_the_decoder_is_compiled_only_for_runs_where_compiling_pays_and_resumes_
     assert generator.decoder_record() == {**compiled, "gemm_attention": False}
 
 
+def test_the_fast_path_builds_the_decoder_it_records(tiny_var_run, monkeypatch):
+    import medaug.models.vqvae as vqvae_module
+
+    built: list[dict] = []
+    monkeypatch.setattr(vqvae_module, "FastDecoder", lambda vqvae, **options: built.append(options) or options)
+    generator = SynthGenerator(tiny_var_run["run_dir"], "cpu", fast=True)
+    generator.device = torch.device("cuda")  # the rule alone: the decoder class is replaced, nothing runs
+    monkeypatch.setattr(generator, "_fast_sampler", object())
+    generator.adopt_decoder({"compiled": False, "channel_stats_norm": True})  # a record from before gemm_attention
+    generator._fast_path()
+    assert built == [{"compile": False, "channel_stats_norm": True, "gemm_attention": False}]
+
+
 def test_a_run_records_its_decoder_settings(tiny_synthesis):
     state = json.loads((tiny_synthesis["out"] / layout.SYNTHESIZE_JSON).read_text())
     assert "decoder" in state["settings"] and state["settings"]["decoder"] is None  # the CPU: none apply
