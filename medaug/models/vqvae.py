@@ -428,12 +428,19 @@ class FoldedUpsample(nn.Module):
         return F.conv_transpose2d(x_BCHW, self.weight, self.bias, stride=2, padding=1)
 
 
+def replace_modules(module: nn.Module, kind: type[nn.Module], make: Any) -> nn.Module:
+    """Replace every submodule of type ``kind`` inside ``module`` (at any depth) by ``make(submodule)``, in place."""
+    for name, child in module.named_children():
+        if isinstance(child, kind):
+            setattr(module, name, make(child))
+        else:
+            replace_modules(child, kind, make)
+    return module
+
+
 def fold_upsamples(decoder: nn.Sequential) -> nn.Sequential:
     """Replace every :class:`Upsample` of ``decoder`` by its :class:`FoldedUpsample` (in place)."""
-    for index, layer in enumerate(decoder):
-        if isinstance(layer, Upsample):
-            decoder[index] = FoldedUpsample(layer)
-    return decoder
+    return replace_modules(decoder, Upsample, FoldedUpsample)
 
 
 class ChannelStatsGroupNorm(nn.Module):
@@ -479,12 +486,7 @@ class ChannelStatsGroupNorm(nn.Module):
 
 def channel_stats_group_norms(module: nn.Module, row_bands: int = 1) -> nn.Module:
     """Replace every :class:`nn.GroupNorm` inside ``module`` by its :class:`ChannelStatsGroupNorm` (in place)."""
-    for name, child in module.named_children():
-        if isinstance(child, nn.GroupNorm):
-            setattr(module, name, ChannelStatsGroupNorm(child, row_bands))
-        else:
-            channel_stats_group_norms(child, row_bands)
-    return module
+    return replace_modules(module, nn.GroupNorm, lambda norm: ChannelStatsGroupNorm(norm, row_bands))
 
 
 class GemmSelfAttention(nn.Module):
@@ -527,10 +529,7 @@ class GemmSelfAttention(nn.Module):
 
 def gemm_attentions(decoder: nn.Sequential) -> nn.Sequential:
     """Replace every :class:`SelfAttention` of ``decoder`` by its :class:`GemmSelfAttention` (in place)."""
-    for index, layer in enumerate(decoder):
-        if isinstance(layer, SelfAttention):
-            decoder[index] = GemmSelfAttention(layer)
-    return decoder
+    return replace_modules(decoder, SelfAttention, GemmSelfAttention)
 
 
 class _DecodePath(nn.Module):
@@ -624,9 +623,9 @@ class FastDecoder:
         decoder = copy.deepcopy(vqvae.decoder)
         if self.fold_upsample:
             fold_upsamples(decoder)
-        if self.gemm_attention and row_bands is not None:
-            gemm_attentions(decoder)
         if row_bands is not None:
+            if self.gemm_attention:
+                gemm_attentions(decoder)  # before the norms: its GroupNorm is replaced with the others
             channel_stats_group_norms(decoder, row_bands)
         path = _DecodePath(copy.deepcopy(vqvae.post_quant_conv), decoder).eval()
         path = path.to(self.dtype).requires_grad_(False)
@@ -727,4 +726,5 @@ __all__ = [
     "gemm_attentions",
     "logits_to_label",
     "norm_groups",
+    "replace_modules",
 ]
