@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -782,7 +783,7 @@ def part_g(report: Report, device: torch.device, smoke: bool, deadline: float) -
     flops = decoder_flops(vqvae, f_hat_BCHW[:1])
     result: dict[str, Any] = {"batch": batch, "flops_per_image": flops}
     options = {"eager_bf16_nchw": dict(compile=False), "compiled_default": {},
-               "compiled_session6": dict(gemm_attention=False)}
+               "compiled_session6": dict(gemm_attention=False), "fused_norm": dict(fused_norm=True)}
     unknown = (VARIANTS or set()) - set(options)
     if unknown:
         raise SystemExit(f"--variants: unknown {sorted(unknown)}; expected some of {sorted(options)}")
@@ -805,14 +806,88 @@ def part_g(report: Report, device: torch.device, smoke: bool, deadline: float) -
         if decoder.compiled and left(deadline) > 10:
             result[name]["profile"] = profile_top(lambda d=decoder: d.decode(f_hat_BCHW), device, top=25)
         report.put("decoder_alone", result)
-    reference = decoders.get("compiled_session6")
-    if reference is not None:  # the changes compute the same function: outputs of the same f_hat agree
-        image_ref, logits_ref = reference.decode(f_hat_BCHW[:32])
+    reference_name = next((name for name in ("compiled_session6", "compiled_default") if name in decoders), None)
+    if reference_name is not None:  # the changes compute the same function: outputs of the same f_hat agree
+        result["reference"] = reference_name
+        image_ref, logits_ref = decoders[reference_name].decode(f_hat_BCHW[:32])
         for name, decoder in decoders.items():
             image, logits = decoder.decode(f_hat_BCHW[:32])
-            result[name]["image_rel_diff_vs_session6"] = rel(image, image_ref)
-            result[name]["label_agreement_vs_session6"] = (logits.argmax(1) == logits_ref.argmax(1)).float().mean().item()
+            result[name]["image_rel_diff_vs_reference"] = rel(image, image_ref)
+            result[name]["label_agreement_vs_reference"] = (logits.argmax(1) == logits_ref.argmax(1)).float().mean().item()
     report.put("decoder_alone", result)
+
+
+@torch.no_grad()
+def part_k(report: Report, device: torch.device, smoke: bool, deadline: float) -> None:
+    """The fused decoder's kernels alone on one 256² level activation of 256 images (B, 160, 256, 256) bf16
+    channels-last: ms and bytes moved per second against a plain copy (the bandwidth ceiling) and against
+    the same work compiled by inductor, then a sweep of tile and launch settings; each kernel checked
+    against its float32 torch reference first."""
+    from medaug.models import fused_decode as fd
+    from medaug.models.vqvae import ChannelStatsGroupNorm
+
+    batch, channels, side = (256, 160, 256) if not smoke else (2, 32, 16)
+    generator = torch.Generator(device=device).manual_seed(4)
+    shape = (batch, channels, side, side)
+    x = torch.randn(shape, generator=generator, device=device).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    h = torch.randn(shape, generator=generator, device=device).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    bias = torch.randn(channels, generator=generator, device=device)
+    scale = torch.rand(batch, channels, generator=generator, device=device) + 0.5
+    shift = torch.randn(batch, channels, generator=generator, device=device)
+    tensor_gb = x.numel() * x.element_size() / 1e9
+    norm = torch.nn.GroupNorm(32, channels, eps=1e-6).to(device)
+    result: dict[str, Any] = {"shape": list(shape), "tensor_gb": round(tensor_gb, 3)}
+    checks = {}
+    small = (slice(0, 4),)
+    _, mean, m2 = fd.channel_moments(x[small], h[small], bias, write=False)
+    _, mean_ref, m2_ref = fd.moments_reference(x[small], h[small], bias, False, mean.shape[1])
+    checks["moments_mean_rel"], checks["moments_m2_rel"] = rel(mean, mean_ref), rel(m2, m2_ref)
+    out, _, _ = fd.channel_moments(x[small], h[small], bias, write=True)
+    out_ref, _, _ = fd.moments_reference(x[small], h[small], bias, True, mean.shape[1])
+    checks["add_rel"] = rel(out, out_ref)
+    act = fd.scale_shift_act(x[small], scale[small], shift[small])
+    checks["scale_shift_silu_rel"] = rel(act, fd.scale_shift_act_reference(x[small], scale[small], shift[small], True))
+    result["checks"] = checks
+    report.put("kernels", result)
+
+    def gn_silu(t):
+        return F.silu(ChannelStatsGroupNorm(norm)(t))
+
+    compiled_gn = torch.compile(gn_silu)
+    compiled_add_stats = torch.compile(lambda a, b: torch.var_mean((a + b + bias[:, None, None]).float(), dim=(2, 3)))
+    cases = {
+        "copy": (lambda: x.clone(memory_format=torch.channels_last), 2),
+        "moments": (lambda: fd.channel_moments(x, None, bias), 1),
+        "add_moments_write": (lambda: fd.channel_moments(x, h, bias, write=True), 3),
+        "scale_shift_silu": (lambda: fd.scale_shift_act(x, scale, shift), 2),
+        "inductor_groupnorm_silu": (lambda: compiled_gn(x), 3),
+        "inductor_add_var_mean": (lambda: compiled_add_stats(x, h), 2),
+    }
+    for name, (function, passes) in cases.items():
+        if left(deadline) < 30:
+            break
+        function()
+        sync(device)
+        seconds = timed(function, device, 10 if not smoke else 1)
+        result[name] = {"ms": round(1000 * seconds, 3), "tb_per_s": round(passes * tensor_gb / seconds / 1000, 2)}
+        report.put("kernels", result)
+    sweep = []
+    defaults = (fd.BLOCK_PIXELS, fd.NUM_WARPS, fd.FUSED_PROGRAMS)
+    for block, warps, programs in ((32, 4, 16384), (64, 4, 4096), (64, 8, 16384), (128, 4, 16384), (128, 8, 16384),
+                                   (64, 4, 65536), (16, 2, 16384)):
+        if left(deadline) < 30:
+            break
+        fd.BLOCK_PIXELS, fd.NUM_WARPS, fd.FUSED_PROGRAMS = block, warps, programs
+        row = {"block_pixels": block, "warps": warps, "programs": programs}
+        for name, passes in (("moments", 1), ("add_moments_write", 3), ("scale_shift_silu", 2)):
+            function = cases[name][0]
+            function()
+            sync(device)
+            row[name + "_ms"] = round(1000 * timed(function, device, 10 if not smoke else 1), 3)
+        sweep.append(row)
+        result["sweep"] = sweep
+        report.put("kernels", result)
+    fd.BLOCK_PIXELS, fd.NUM_WARPS, fd.FUSED_PROGRAMS = defaults
 
 
 def part_p(report: Report, device: torch.device, smoke: bool, deadline: float) -> None:
@@ -835,10 +910,10 @@ def part_p(report: Report, device: torch.device, smoke: bool, deadline: float) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=("a", "b", "s", "p", "f", "d", "g"), required=True, help="a: d16, b: d30, "
+    parser.add_argument("--part", choices=("a", "b", "s", "p", "f", "d", "g", "k"), required=True, help="a: d16, b: d30, "
                         "s: streamed d16 and the max-autotune decoder, p: kernel profiles of d16 tokens and the decoder, "
                         "f: the shipped defaults, d16 then d30 (part_f), d: decoder by batch size, then d16 and d30 "
-                        "(part_d), g: decoder variants in three rounds each (part_g)")
+                        "(part_d), g: decoder variants in three rounds each (part_g), k: the fused decoder's kernels (part_k)")
     parser.add_argument("--smoke", action="store_true", help="tiny models (checks the script on the CPU)")
     parser.add_argument("--deadline-s", type=float, default=480.0, help="skip what would not finish by then")
     parser.add_argument("--json-out", type=Path, default=None)
@@ -857,7 +932,7 @@ def main() -> None:
                     commit=os.environ.get("MEDAUG_COMMIT") or common.commit()["commit"])
     report.put("cudnn_benchmark_limit", torch.backends.cudnn.benchmark_limit)
     {"a": part_a, "b": part_b, "s": part_s, "p": part_p, "f": part_f, "d": part_d,
-     "g": part_g}[args.part](report, device, args.smoke, args.deadline_s)
+     "g": part_g, "k": part_k}[args.part](report, device, args.smoke, args.deadline_s)
     report.put("wall_s", round(time.perf_counter() - START, 1))
 
 

@@ -574,6 +574,9 @@ class FastDecoder:
     convolution algorithms, picked per shape) does not depend on what else holds memory at the time (the
     decode may run on a side stream beside sampling); after an out-of-memory error the chunk halves, with a
     warning, and stays halved.
+    ``fused_norm`` runs chunks of at least ``channel_stats_min_batch`` images through
+    :class:`~medaug.models.fused_decode.FusedDecodePath` instead (GroupNorm, SiLU and residual adds in Triton
+    kernels beside cuDNN convolutions, uncompiled; it replaces the per-channel-statistics path).
     With float32 weights and every option off it computes exactly :meth:`VQVAE.decode`.
     On CUDA it turns on ``torch.backends.cudnn.benchmark`` (convolution algorithms picked per shape).
     """
@@ -587,6 +590,7 @@ class FastDecoder:
         compile: bool | None = None,
         fold_upsample: bool | None = None,
         gemm_attention: bool = True,
+        fused_norm: bool = False,
         channel_stats_norm: bool | None = None,
         norm_row_bands: int = 1,
         channel_stats_min_batch: int = 32,
@@ -602,10 +606,13 @@ class FastDecoder:
         self.max_chunk = max_chunk
         self.fold_upsample = cuda if fold_upsample is None else fold_upsample
         self.gemm_attention = gemm_attention
-        self.channel_stats_norm = (cuda and self.compiled) if channel_stats_norm is None else channel_stats_norm
+        self.fused_norm = fused_norm
+        default_stats = cuda and self.compiled and not fused_norm
+        self.channel_stats_norm = default_stats if channel_stats_norm is None else channel_stats_norm
         self.channel_stats_min_batch = channel_stats_min_batch
         self.path = self._decode_path(vqvae, None)
         self.stats_path = self._decode_path(vqvae, norm_row_bands) if self.channel_stats_norm else None
+        self.fused_path = self._fused_path(vqvae) if fused_norm else None
         self._upsampler: CodeUpsampler | None = None
         self._chunk: int | None = None
         self._forward = self._runner(self.path)
@@ -630,6 +637,17 @@ class FastDecoder:
         path = _DecodePath(copy.deepcopy(vqvae.post_quant_conv), decoder).eval()
         path = path.to(self.dtype).requires_grad_(False)
         return path.to(memory_format=torch.channels_last) if self.channels_last else path
+
+    def _fused_path(self, vqvae: VQVAE) -> nn.Module:
+        """The decode path for :class:`~medaug.models.fused_decode.FusedDecodePath` (channels-last, folded
+        upsamples, uncompiled: its kernels are Triton's)."""
+        from medaug.models.fused_decode import FusedDecodePath, triton_available
+
+        if self.device.type == "cuda" and not triton_available():
+            log.warning("fused_norm: Triton is not installed; the fused decode path runs its torch reference")
+        decoder = fold_upsamples(copy.deepcopy(vqvae.decoder)) if self.fold_upsample else copy.deepcopy(vqvae.decoder)
+        path = FusedDecodePath(copy.deepcopy(vqvae.post_quant_conv), decoder).eval()
+        return path.to(self.dtype).requires_grad_(False).to(memory_format=torch.channels_last)
 
     def chunk_size(self) -> int:
         """Images per decoder call (class docstring): at most ``max_chunk``; on CUDA what fits in a third of
@@ -680,10 +698,13 @@ class FastDecoder:
         return forward(x_BCHW)[:batch]
 
     def _path_for(self, batch: int) -> tuple[Any, int]:
-        """The (compiled) decode path for a chunk of ``batch`` images and the rows to run it on: per-channel
-        statistics from ``channel_stats_min_batch`` images on, torch's GroupNorm below (by configuration
+        """The (compiled) decode path for a chunk of ``batch`` images and the rows to run it on: the fused path
+        (if ``fused_norm``) or else per-channel statistics from ``channel_stats_min_batch`` images on, torch's
+        GroupNorm below (by configuration
         alone, so a batch decodes the same whatever ran before). Compiled, a single image is padded to two
         (a size-1 batch would be specialised: compile once)."""
+        if self.fused_path is not None and batch >= self.channel_stats_min_batch:
+            return self.fused_path, batch
         rows = 2 if self.compiled and batch == 1 else batch
         if self._stats_forward is not None and batch >= self.channel_stats_min_batch:
             return self._stats_forward, rows

@@ -1,0 +1,421 @@
+"""The tokenizer's decode path with GroupNorm + SiLU in hand-written Triton kernels beside cuDNN convolutions.
+
+Why: at batch 256 on the H200 the compiled decoder spent ~71 of ~265 ms in inductor's GroupNorm, SiLU and
+residual kernels, moving bytes at about half the device's bandwidth (their channels-last reductions read
+64-byte pieces strided by the channel count, session 7's profile). Here every such pass is one Triton
+kernel that reads (pixels, channels) tiles of channels-last memory whole, and convolutions run without
+their bias, which is folded into what reads their output:
+
+* :func:`channel_moments` — per-image, per-channel mean and sum of squared deviations over equal splits
+  of the pixels (running Welford moments per tile lane, combined exactly into channels, then groups),
+  optionally of ``x + h + bias`` written out in the same pass (the residual add);
+* :func:`group_scale_shift` — GroupNorm's per-(image, channel) scale and shift from those moments, with a
+  bias the stored tensor has not received yet folded into the shift;
+* :func:`scale_shift_act` — ``x·scale + shift`` (then SiLU) in one pass.
+
+A residual block is then: norm1 + SiLU (1 read, 1 write), conv1 (cuDNN), its moments (1 read), norm2 +
+SiLU (1 read, 1 write), conv2, and the residual add with the next norm's moments (2 reads, 1 write):
+eight passes, as the compiled graph, but at close to full bandwidth, and no ``torch.compile`` (Triton
+compiles each kernel in seconds, against ~55 s for the decoder graph).
+
+Without Triton (the CPU build of torch) or on CPU tensors the same functions run as plain torch in float32
+(:func:`moments_reference`, :func:`scale_shift_act_reference`): :class:`FusedDecodePath` in float32
+computes :meth:`medaug.models.vqvae.VQVAE.decode` (tested), and the kernels are tested against those
+references in Triton's interpreter.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+try:  # the CPU build of torch comes without Triton
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
+    tl = None
+
+FUSED_PROGRAMS = 16_384
+"""Programs a kernel launch aims at (splits of the pixels × images × channel blocks): many short programs
+keep the last wave small (a launch of ~1.2 waves of long programs leaves most SMs idle at its end)."""
+NUM_WARPS = 4
+"""Warps per program of both kernels."""
+BLOCK_PIXELS = 64
+"""Pixels per tile (fewer where an image has fewer, or a count that 64 does not divide: the largest power of
+two dividing it)."""
+
+
+def triton_available() -> bool:
+    """Whether the Triton kernels can run: Triton imports (compiled on CUDA, or TRITON_INTERPRET=1 on the CPU)."""
+    return triton is not None
+
+
+def _use_kernels(x: torch.Tensor) -> bool:
+    return triton is not None and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def block_channels(channels: int) -> int:
+    """Channels per tile: the largest power of two ≤ 64 dividing ``channels`` (no masked lanes) when it is
+    at least 16, else the next power of two ≥ ``channels`` (masked), at most 64."""
+    largest = channels & -channels
+    if largest >= 16:
+        return min(largest, 64)
+    return min(64, triton.next_power_of_2(channels) if triton is not None else 1 << (channels - 1).bit_length())
+
+
+def tile_pixels(pixels: int) -> int:
+    """Pixels per tile for images of ``pixels`` pixels (:data:`BLOCK_PIXELS`)."""
+    return min(BLOCK_PIXELS, pixels & -pixels)
+
+
+def pixel_splits(batch: int, channels: int, pixels: int) -> int:
+    """Equal splits of each image's pixels, each a whole number of tiles: the smallest power of two giving
+    :data:`FUSED_PROGRAMS` programs, or one tile per split."""
+    tile = tile_pixels(pixels)
+    blocks = -(-channels // block_channels(channels))
+    splits = 1
+    while batch * blocks * splits < FUSED_PROGRAMS and pixels % (tile * splits * 2) == 0:
+        splits *= 2
+    return splits
+
+
+# ---------------------------------------------------------------- torch references (CPU, no Triton)
+def _rows_BPC(x_BCHW: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) → (B, H·W, C) view of channels-last memory (a copy otherwise)."""
+    batch, channels = x_BCHW.shape[:2]
+    return x_BCHW.permute(0, 2, 3, 1).reshape(batch, -1, channels)  # (B, P, C)
+
+
+def moments_reference(
+    x_BCHW: torch.Tensor, h_BCHW: torch.Tensor | None, bias_C: torch.Tensor | None, write: bool, splits: int
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """:func:`channel_moments` in plain torch (float32 arithmetic)."""
+    v_BCHW = x_BCHW.float()
+    if h_BCHW is not None:
+        v_BCHW = v_BCHW + h_BCHW.float()
+    if bias_C is not None:
+        v_BCHW = v_BCHW + bias_C.float()[:, None, None]
+    out_BCHW = None
+    if write:
+        out_BCHW = v_BCHW.to(x_BCHW.dtype).contiguous(memory_format=torch.channels_last)
+        v_BCHW = out_BCHW.float()
+    batch, channels = x_BCHW.shape[:2]
+    v_BSnC = _rows_BPC(v_BCHW).reshape(batch, splits, -1, channels)  # (B, S, P/S, C)
+    var_BSC, mean_BSC = torch.var_mean(v_BSnC, dim=2, correction=0)
+    return out_BCHW, mean_BSC, var_BSC * v_BSnC.shape[2]
+
+
+def scale_shift_act_reference(x_BCHW: torch.Tensor, scale_BC: torch.Tensor, shift_BC: torch.Tensor,
+                              silu: bool) -> torch.Tensor:
+    """:func:`scale_shift_act` in plain torch (float32 arithmetic)."""
+    v_BCHW = x_BCHW.float() * scale_BC[:, :, None, None] + shift_BC[:, :, None, None]
+    if silu:
+        v_BCHW = F.silu(v_BCHW)
+    return v_BCHW.to(x_BCHW.dtype).contiguous(memory_format=torch.channels_last)
+
+
+# ---------------------------------------------------------------- Triton kernels
+if triton is not None:
+
+    @triton.jit
+    def _moments_kernel(x_ptr, h_ptr, bias_ptr, out_ptr, mean_ptr, m2_ptr, pixels, channels, split_pixels, splits,
+                        HAS_H: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE: tl.constexpr,
+                        BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+        """Program (image·splits + split, channel block): moments of x (+ h) (+ bias) over its split's pixels,
+        the sum written if WRITE. Each tile lane keeps a running (Welford) mean and m2 of the values it sees,
+        one per tile step; the lanes of a channel, equal in count, are combined once at the end."""
+        row = tl.program_id(0)
+        image = row // splits
+        split = row % splits
+        offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        mask = (offs_c < channels)[None, :]
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + offs_c, mask=offs_c < channels, other=0.0).to(tl.float32)
+        first = image.to(tl.int64) * pixels + split * split_pixels
+        mean = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+        m2 = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+        count = 0.0
+        for start in range(0, split_pixels, BLOCK_P):
+            offs_p = first + start + tl.arange(0, BLOCK_P)
+            index = offs_p[:, None] * channels + offs_c[None, :]
+            v = tl.load(x_ptr + index, mask=mask, other=0.0).to(tl.float32)
+            if HAS_H:
+                v += tl.load(h_ptr + index, mask=mask, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                v += bias[None, :]
+            if WRITE:
+                stored = v.to(out_ptr.dtype.element_ty)
+                tl.store(out_ptr + index, stored, mask=mask)
+                v = stored.to(tl.float32)
+            count += 1.0
+            delta = v - mean
+            mean += delta * (1.0 / count)
+            m2 += delta * (v - mean)
+        channel_mean = tl.sum(mean, axis=0) / BLOCK_P
+        spread = mean - channel_mean[None, :]
+        channel_m2 = tl.sum(m2, axis=0) + count * tl.sum(spread * spread, axis=0)
+        out_offs = row.to(tl.int64) * channels + offs_c
+        tl.store(mean_ptr + out_offs, channel_mean, mask=offs_c < channels)
+        tl.store(m2_ptr + out_offs, channel_m2, mask=offs_c < channels)
+
+    @triton.jit
+    def _scale_shift_act_kernel(x_ptr, scale_ptr, shift_ptr, out_ptr, pixels, channels, split_pixels, splits,
+                                SILU: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+        """Program (image·splits + split, channel block): out = x·scale + shift (then SiLU) over its pixels."""
+        row = tl.program_id(0)
+        image = row // splits
+        split = row % splits
+        offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        mask = (offs_c < channels)[None, :]
+        params = image.to(tl.int64) * channels + offs_c
+        scale = tl.load(scale_ptr + params, mask=offs_c < channels, other=0.0)[None, :]
+        shift = tl.load(shift_ptr + params, mask=offs_c < channels, other=0.0)[None, :]
+        first = image.to(tl.int64) * pixels + split * split_pixels
+        for start in range(0, split_pixels, BLOCK_P):
+            offs_p = first + start + tl.arange(0, BLOCK_P)
+            index = offs_p[:, None] * channels + offs_c[None, :]
+            v = tl.load(x_ptr + index, mask=mask, other=0.0).to(tl.float32) * scale + shift
+            if SILU:
+                v = v * tl.sigmoid(v)
+            tl.store(out_ptr + index, v.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _launch_shape(x_BCHW: torch.Tensor, splits: int) -> tuple[tuple[int, int], int, int, int]:
+    batch, channels, height, width = x_BCHW.shape
+    pixels = height * width
+    block_c = block_channels(channels)
+    return (batch * splits, -(-channels // block_c)), pixels, pixels // splits, block_c
+
+
+def _check_layout(*tensors: torch.Tensor | None) -> None:
+    for tensor in tensors:
+        if tensor is not None and not tensor.is_contiguous(memory_format=torch.channels_last):
+            raise ValueError(f"tensor of shape {tuple(tensor.shape)} is not channels-last contiguous")
+
+
+def channel_moments(
+    x_BCHW: torch.Tensor,
+    h_BCHW: torch.Tensor | None = None,
+    bias_C: torch.Tensor | None = None,
+    *,
+    write: bool = False,
+    splits: int | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """Moments of v = x (+ h) (+ bias) per image, split and channel: (out, mean (B, S, C), m2 (B, S, C)).
+
+    ``x``/``h``: (B, C, H, W) channels-last; ``bias_C`` broadcast over pixels. Each of the S equal splits of
+    an image's pixels (default :func:`pixel_splits`) gets the float32 mean and the sum of squared deviations
+    from it. ``write``: v is also returned in x's dtype (``out``, channels-last) and the moments are those of
+    the stored (rounded) values; else ``out`` is None.
+    """
+    batch, channels, height, width = x_BCHW.shape
+    splits = splits or pixel_splits(batch, channels, height * width)
+    if not _use_kernels(x_BCHW):
+        return moments_reference(x_BCHW, h_BCHW, bias_C, write, splits)
+    _check_layout(x_BCHW, h_BCHW)
+    grid, pixels, split_pixels, block_c = _launch_shape(x_BCHW, splits)
+    out_BCHW = torch.empty_like(x_BCHW, memory_format=torch.channels_last) if write else None
+    mean_BSC = torch.empty(batch, splits, channels, dtype=torch.float32, device=x_BCHW.device)
+    m2_BSC = torch.empty_like(mean_BSC)
+    bias = bias_C.float().contiguous() if bias_C is not None else mean_BSC
+    _moments_kernel[grid](x_BCHW, h_BCHW if h_BCHW is not None else x_BCHW, bias,
+                          out_BCHW if write else x_BCHW, mean_BSC, m2_BSC, pixels, channels, split_pixels, splits,
+                          HAS_H=h_BCHW is not None, HAS_BIAS=bias_C is not None, WRITE=write,
+                          BLOCK_P=tile_pixels(pixels), BLOCK_C=block_c, num_warps=NUM_WARPS)
+    return out_BCHW, mean_BSC, m2_BSC
+
+
+def scale_shift_act(x_BCHW: torch.Tensor, scale_BC: torch.Tensor, shift_BC: torch.Tensor, *, silu: bool = True,
+                    splits: int | None = None) -> torch.Tensor:
+    """x·scale + shift per (image, channel), then SiLU if ``silu``: (B, C, H, W) channels-last in x's dtype
+    (computed in float32; ``scale_BC``/``shift_BC`` float32)."""
+    batch, channels, height, width = x_BCHW.shape
+    if not _use_kernels(x_BCHW):
+        return scale_shift_act_reference(x_BCHW, scale_BC, shift_BC, silu)
+    _check_layout(x_BCHW)
+    splits = splits or pixel_splits(batch, channels, height * width)
+    grid, pixels, split_pixels, block_c = _launch_shape(x_BCHW, splits)
+    out_BCHW = torch.empty_like(x_BCHW, memory_format=torch.channels_last)
+    _scale_shift_act_kernel[grid](x_BCHW, scale_BC.float().contiguous(), shift_BC.float().contiguous(), out_BCHW,
+                                  pixels, channels, split_pixels, splits, SILU=silu,
+                                  BLOCK_P=tile_pixels(pixels), BLOCK_C=block_c, num_warps=NUM_WARPS)
+    return out_BCHW
+
+
+def group_scale_shift(
+    norm: nn.GroupNorm, mean_BSC: torch.Tensor, m2_BSC: torch.Tensor, split_pixels: int,
+    pending_bias_C: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GroupNorm ``norm`` as a per-(image, channel) float32 (scale, shift) from :func:`channel_moments`.
+
+    Group statistics combine the S·C/G partial moments of each group exactly (equal counts: the mean of the
+    means; the sum of the m2 plus count × the squared spread of the means). ``pending_bias_C``: the moments
+    describe ``stored + pending_bias``; the shift is then for the stored tensor (bias·scale folded in).
+    """
+    batch, splits, channels = mean_BSC.shape
+    groups = norm.num_groups
+    per_group = channels // groups
+    mean_BGn = mean_BSC.view(batch, splits, groups, per_group).transpose(1, 2).reshape(batch, groups, -1)
+    m2_BGn = m2_BSC.view(batch, splits, groups, per_group).transpose(1, 2).reshape(batch, groups, -1)
+    group_mean_BG1 = mean_BGn.mean(-1, keepdim=True)
+    spread_BG1 = ((mean_BGn - group_mean_BG1) ** 2).sum(-1, keepdim=True)
+    var_BG1 = (m2_BGn.sum(-1, keepdim=True) + split_pixels * spread_BG1) / (split_pixels * mean_BGn.shape[-1])
+    rstd_BG1 = torch.rsqrt(var_BG1 + norm.eps)
+    scale_BC = rstd_BG1.expand(batch, groups, per_group).reshape(batch, channels) * norm.weight.float()
+    mean_BC = group_mean_BG1.expand(batch, groups, per_group).reshape(batch, channels)
+    shift_BC = norm.bias.float() - mean_BC * scale_BC
+    if pending_bias_C is not None:
+        shift_BC = shift_BC + pending_bias_C * scale_BC
+    return scale_BC, shift_BC
+
+
+# ---------------------------------------------------------------- the decode path
+@dataclass
+class _Activation:
+    """A tensor between decoder layers: ``stored`` (channels-last) + ``bias`` (float32 (C,) not yet added,
+    or None), and, once computed, the moments of that sum (:func:`channel_moments`)."""
+
+    stored: torch.Tensor
+    bias: torch.Tensor | None = None
+    moments: tuple[torch.Tensor, torch.Tensor, int] | None = None
+
+    def with_moments(self) -> _Activation:
+        if self.moments is None:
+            _, mean_BSC, m2_BSC = channel_moments(self.stored, None, self.bias)
+            self.moments = (mean_BSC, m2_BSC, self.stored.shape[2] * self.stored.shape[3] // mean_BSC.shape[1])
+        return self
+
+    def materialized(self) -> torch.Tensor:
+        """The tensor with its bias added (convolutions with zero padding need it: a bias is no constant
+        through their borders)."""
+        if self.bias is None:
+            return self.stored
+        stored, mean_BSC, m2_BSC = channel_moments(self.stored, None, self.bias, write=True)
+        self.stored, self.bias = stored, None
+        self.moments = (mean_BSC, m2_BSC, stored.shape[2] * stored.shape[3] // mean_BSC.shape[1])
+        return stored
+
+
+def _normalized(norm: nn.GroupNorm, x: _Activation, silu: bool) -> torch.Tensor:
+    """GroupNorm ``norm`` (then SiLU) of ``x`` in one pass over it."""
+    mean_BSC, m2_BSC, split_pixels = x.with_moments().moments
+    scale_BC, shift_BC = group_scale_shift(norm, mean_BSC, m2_BSC, split_pixels, x.bias)
+    return scale_shift_act(x.stored, scale_BC, shift_BC, silu=silu)
+
+
+def _conv(conv: nn.Conv2d, x_BCHW: torch.Tensor) -> _Activation:
+    """``conv`` without its bias (left pending for the reader of its output)."""
+    out_BCHW = F.conv2d(x_BCHW, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+    return _Activation(out_BCHW.contiguous(memory_format=torch.channels_last), _bias(conv))
+
+
+def _bias(module: nn.Module) -> torch.Tensor | None:
+    return None if module.bias is None else module.bias.detach().float()
+
+
+def _add_bias(*biases: torch.Tensor | None) -> torch.Tensor | None:
+    present = [bias for bias in biases if bias is not None]
+    return sum(present[1:], present[0]) if present else None
+
+
+class FusedDecodePath(nn.Module):
+    """post_quant_conv + a :class:`~medaug.models.vqvae.Decoder` run layer by layer with the fused kernels.
+
+    Takes the modules of a decode path (upsamples already folded into
+    :class:`~medaug.models.vqvae.FoldedUpsample`, in the weights' dtype, channels-last) and runs the same
+    function: GroupNorm (+ SiLU) from :func:`channel_moments`, convolutions through ``F.conv2d`` without
+    bias, residual adds fused with the next GroupNorm's moments, attention as two batched GEMMs with a
+    float32 softmax (as :class:`~medaug.models.vqvae.GemmSelfAttention`).
+    """
+
+    def __init__(self, post_quant_conv: nn.Conv2d, decoder: nn.Sequential):
+        super().__init__()
+        self.post_quant_conv = post_quant_conv
+        self.decoder = decoder
+
+    def forward(self, f_hat_BCHW: torch.Tensor) -> torch.Tensor:
+        x = _conv(self.post_quant_conv, f_hat_BCHW.contiguous(memory_format=torch.channels_last))
+        layers = list(self.decoder)
+        i = 0
+        while i < len(layers):
+            layer = layers[i]
+            fuse_silu = isinstance(layer, nn.GroupNorm) and i + 1 < len(layers) and isinstance(layers[i + 1], nn.SiLU)
+            x = self._layer(layer, x, fuse_silu)
+            i += 2 if fuse_silu else 1
+        out_BCHW = x.stored if x.bias is None else x.stored + x.bias.to(x.stored.dtype)[:, None, None]
+        return out_BCHW
+
+    def _layer(self, layer: nn.Module, x: _Activation, fuse_silu: bool) -> _Activation:
+        from medaug.models.vqvae import FoldedUpsample, ResnetBlock, SelfAttention, Upsample
+
+        if isinstance(layer, ResnetBlock):
+            return self._resnet_block(layer, x)
+        if isinstance(layer, SelfAttention):
+            return self._attention(layer, x)
+        if isinstance(layer, nn.GroupNorm):
+            return _Activation(_normalized(layer, x, silu=fuse_silu))
+        if isinstance(layer, nn.SiLU):
+            return _Activation(F.silu(x.materialized()).contiguous(memory_format=torch.channels_last))
+        if isinstance(layer, nn.Conv2d):
+            return _conv(layer, x.materialized())
+        if isinstance(layer, FoldedUpsample):
+            out_BCHW = F.conv_transpose2d(x.materialized(), layer.weight, None, stride=2, padding=1)
+            return _Activation(out_BCHW.contiguous(memory_format=torch.channels_last), _bias(layer))
+        if isinstance(layer, Upsample):
+            upsampled_BCHW = F.interpolate(x.materialized(), scale_factor=2.0, mode="nearest")
+            return _conv(layer.conv, upsampled_BCHW.contiguous(memory_format=torch.channels_last))
+        raise TypeError(f"FusedDecodePath: no fused form of {type(layer).__name__}")
+
+    @staticmethod
+    def _resnet_block(block: nn.Module, x: _Activation) -> _Activation:
+        """x + conv2(SiLU(GN2(conv1(SiLU(GN1(x)))))), the add writing the sum and its moments in one pass."""
+        h1 = _conv(block.conv1, _normalized(block.norm1, x, silu=True))
+        h2 = _conv(block.conv2, _normalized(block.norm2, h1, silu=True))
+        if isinstance(block.skip, nn.Conv2d):  # 1×1, no padding: skip(stored + b) = skip(stored) + W·b
+            skip = _conv(block.skip, x.stored)
+            if x.bias is not None:
+                skip.bias = skip.bias + block.skip.weight.detach().float()[:, :, 0, 0] @ x.bias
+        else:
+            skip = x
+        out_BCHW, mean_BSC, m2_BSC = channel_moments(skip.stored, h2.stored, _add_bias(skip.bias, h2.bias), write=True)
+        split_pixels = out_BCHW.shape[2] * out_BCHW.shape[3] // mean_BSC.shape[1]
+        return _Activation(out_BCHW, None, (mean_BSC, m2_BSC, split_pixels))
+
+    @staticmethod
+    def _attention(attention: nn.Module, x: _Activation) -> _Activation:
+        """x + proj(softmax(q·kᵀ/√C)·v) over all positions, q·kᵀ and p·v as batched GEMMs (float32 softmax)."""
+        batch, channels, height, width = x.stored.shape
+        h_BNC = _normalized(attention.norm, x, silu=False).permute(0, 2, 3, 1).reshape(batch, height * width, channels)
+        qkv_weight = attention.qkv.weight.view(3 * channels, channels)
+        q_BNC, k_BNC, v_BNC = F.linear(h_BNC, qkv_weight, attention.qkv.bias).chunk(3, dim=-1)
+        scores_BNN = torch.bmm(q_BNC, k_BNC.transpose(1, 2)).float() * channels**-0.5
+        attended_BNC = torch.bmm(scores_BNN.softmax(dim=-1).to(v_BNC.dtype), v_BNC)
+        out_BNC = F.linear(attended_BNC, attention.proj.weight.view(channels, channels))
+        out_BCHW = out_BNC.view(batch, height, width, channels).permute(0, 3, 1, 2)  # channels-last view
+        x_BCHW = x.stored
+        total_bias = _add_bias(x.bias, _bias(attention.proj))
+        out_BCHW, mean_BSC, m2_BSC = channel_moments(x_BCHW, out_BCHW, total_bias, write=True)
+        split_pixels = height * width // mean_BSC.shape[1]
+        return _Activation(out_BCHW, None, (mean_BSC, m2_BSC, split_pixels))
+
+
+__all__ = [
+    "BLOCK_PIXELS",
+    "FUSED_PROGRAMS",
+    "FusedDecodePath",
+    "NUM_WARPS",
+    "block_channels",
+    "channel_moments",
+    "group_scale_shift",
+    "moments_reference",
+    "pixel_splits",
+    "tile_pixels",
+    "scale_shift_act",
+    "scale_shift_act_reference",
+    "triton_available",
+]
