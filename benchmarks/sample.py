@@ -810,10 +810,14 @@ def part_g(report: Report, device: torch.device, smoke: bool, deadline: float) -
     if reference_name is not None:  # the changes compute the same function: outputs of the same f_hat agree
         result["reference"] = reference_name
         image_ref, logits_ref = decoders[reference_name].decode(f_hat_BCHW[:32])
+        with torch.no_grad():
+            image_32, logits_32 = vqvae.decode(f_hat_BCHW[:32])  # float32 weights (tf32 convolutions)
         for name, decoder in decoders.items():
             image, logits = decoder.decode(f_hat_BCHW[:32])
             result[name]["image_rel_diff_vs_reference"] = rel(image, image_ref)
             result[name]["label_agreement_vs_reference"] = (logits.argmax(1) == logits_ref.argmax(1)).float().mean().item()
+            result[name]["image_rel_diff_vs_float32"] = rel(image, image_32)
+            result[name]["label_agreement_vs_float32"] = (logits.argmax(1) == logits_32.argmax(1)).float().mean().item()
     report.put("decoder_alone", result)
 
 
