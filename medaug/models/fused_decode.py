@@ -45,6 +45,11 @@ FUSED_PROGRAMS = 16_384
 keep the last wave small (a launch of ~1.2 waves of long programs leaves most SMs idle at its end)."""
 NUM_WARPS = 4
 """Warps per program of both kernels."""
+NUM_STAGES = 1
+"""Software-pipelining stages of the kernels' pixel loops (1: none)."""
+FULL_ROW_CHANNELS = 0
+"""Channel counts up to this read whole rows per tile (next power of two, lanes masked) instead of
+power-of-two channel blocks."""
 BLOCK_PIXELS = 64
 """Pixels per tile (fewer where an image has fewer, or a count that 64 does not divide: the largest power of
 two dividing it)."""
@@ -63,7 +68,7 @@ def block_channels(channels: int) -> int:
     """Channels per tile: the largest power of two ≤ 64 dividing ``channels`` (no masked lanes) when it is
     at least 16, else the next power of two ≥ ``channels`` (masked), at most 64."""
     largest = channels & -channels
-    if largest >= 16:
+    if largest >= 16 and channels > FULL_ROW_CHANNELS:
         return min(largest, 64)
     return min(64, triton.next_power_of_2(channels) if triton is not None else 1 << (channels - 1).bit_length())
 
@@ -125,7 +130,7 @@ if triton is not None:
     @triton.jit
     def _moments_kernel(x_ptr, h_ptr, bias_ptr, out_ptr, mean_ptr, m2_ptr, pixels, channels, split_pixels, splits,
                         HAS_H: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE: tl.constexpr,
-                        BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+                        BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, STAGES: tl.constexpr):
         """Program (channel block, image·splits + split): moments of x (+ h) (+ bias) over its split's pixels,
         the sum written if WRITE. Each tile lane keeps a running (Welford) mean and m2 of the values it sees,
         one per tile step; the lanes of a channel, equal in count, are combined once at the end."""
@@ -140,7 +145,7 @@ if triton is not None:
         mean = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
         m2 = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
         count = 0.0
-        for start in range(0, split_pixels, BLOCK_P):
+        for start in tl.range(0, split_pixels, BLOCK_P, num_stages=STAGES):
             offs_p = first + start + tl.arange(0, BLOCK_P)
             index = offs_p[:, None] * channels + offs_c[None, :]
             v = tl.load(x_ptr + index, mask=mask, other=0.0).to(tl.float32)
@@ -165,7 +170,8 @@ if triton is not None:
 
     @triton.jit
     def _scale_shift_act_kernel(x_ptr, scale_ptr, shift_ptr, out_ptr, pixels, channels, split_pixels, splits,
-                                SILU: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+                                SILU: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+                                STAGES: tl.constexpr):
         """Program (channel block, image·splits + split): out = x·scale + shift (then SiLU) over its pixels."""
         row = tl.program_id(1)
         image = row // splits
@@ -176,7 +182,7 @@ if triton is not None:
         scale = tl.load(scale_ptr + params, mask=offs_c < channels, other=0.0)[None, :]
         shift = tl.load(shift_ptr + params, mask=offs_c < channels, other=0.0)[None, :]
         first = image.to(tl.int64) * pixels + split * split_pixels
-        for start in range(0, split_pixels, BLOCK_P):
+        for start in tl.range(0, split_pixels, BLOCK_P, num_stages=STAGES):
             offs_p = first + start + tl.arange(0, BLOCK_P)
             index = offs_p[:, None] * channels + offs_c[None, :]
             v = tl.load(x_ptr + index, mask=mask, other=0.0).to(tl.float32) * scale + shift
@@ -228,7 +234,8 @@ def channel_moments(
     _moments_kernel[grid](x_BCHW, h_BCHW if h_BCHW is not None else x_BCHW, bias,
                           out_BCHW if write else x_BCHW, mean_BSC, m2_BSC, pixels, channels, split_pixels, splits,
                           HAS_H=h_BCHW is not None, HAS_BIAS=bias_C is not None, WRITE=write,
-                          BLOCK_P=tile_pixels(pixels), BLOCK_C=block_c, num_warps=NUM_WARPS)
+                          BLOCK_P=tile_pixels(pixels), BLOCK_C=block_c, STAGES=NUM_STAGES,
+                          num_warps=NUM_WARPS)
     return out_BCHW, mean_BSC, m2_BSC
 
 
@@ -245,7 +252,8 @@ def scale_shift_act(x_BCHW: torch.Tensor, scale_BC: torch.Tensor, shift_BC: torc
     out_BCHW = torch.empty_like(x_BCHW, memory_format=torch.channels_last)
     _scale_shift_act_kernel[grid](x_BCHW, scale_BC.float().contiguous(), shift_BC.float().contiguous(), out_BCHW,
                                   pixels, channels, split_pixels, splits, SILU=silu,
-                                  BLOCK_P=tile_pixels(pixels), BLOCK_C=block_c, num_warps=NUM_WARPS)
+                                  BLOCK_P=tile_pixels(pixels), BLOCK_C=block_c, STAGES=NUM_STAGES,
+                          num_warps=NUM_WARPS)
     return out_BCHW
 
 
