@@ -876,18 +876,15 @@ def part_k(report: Report, device: torch.device, smoke: bool, deadline: float) -
         result[name] = {"ms": round(1000 * seconds, 3), "tb_per_s": round(passes * tensor_gb / seconds / 1000, 2)}
         report.put("kernels", result)
     sweep = []
-    names = ("BLOCK_PIXELS", "NUM_WARPS", "FUSED_PROGRAMS", "NUM_STAGES", "FULL_ROW_CHANNELS")
-    defaults = tuple(getattr(fd, name) for name in names)
-    configs = [(64, 4, 65536, 1, 0), (128, 4, 65536, 1, 0), (128, 8, 65536, 1, 0), (64, 4, 65536, 2, 0),
-               (64, 4, 65536, 3, 0), (128, 4, 65536, 3, 0), (64, 4, 262144, 1, 0), (32, 4, 65536, 1, 256),
-               (16, 4, 65536, 1, 256), (32, 8, 65536, 1, 256), (32, 4, 65536, 3, 256), (64, 4, 16384, 3, 0),
-               (128, 4, 16384, 3, 0), (256, 8, 65536, 1, 0)]
-    for config in configs if not smoke else configs[:2]:
+    defaults = (fd.MOMENTS, fd.ADD_MOMENTS, fd.SCALE_SHIFT, fd.FUSED_PROGRAMS)
+    configs = [(128, 4, 1, 65536), (128, 4, 3, 65536), (256, 8, 1, 65536), (256, 8, 3, 65536), (128, 4, 2, 65536),
+               (256, 4, 1, 65536), (128, 4, 1, 32768), (256, 8, 1, 131072)]
+    for block, warps, stages, programs in configs if not smoke else configs[:2]:
         if left(deadline) < 20:
             break
-        for name, value in zip(names, config):
-            setattr(fd, name, value)
-        row = dict(zip(("block_pixels", "warps", "programs", "stages", "full_row_channels"), config))
+        fd.MOMENTS = fd.ADD_MOMENTS = fd.SCALE_SHIFT = fd.KernelSettings(block, warps, stages)
+        fd.FUSED_PROGRAMS = programs
+        row = {"block_pixels": block, "warps": warps, "stages": stages, "programs": programs}
         for name, passes in (("moments", 1), ("add_moments_write", 3), ("scale_shift_silu", 2)):
             function = cases[name][0]
             try:
@@ -899,8 +896,7 @@ def part_k(report: Report, device: torch.device, smoke: bool, deadline: float) -
         sweep.append(row)
         result["sweep"] = sweep
         report.put("kernels", result)
-    for name, value in zip(names, defaults):
-        setattr(fd, name, value)
+    fd.MOMENTS, fd.ADD_MOMENTS, fd.SCALE_SHIFT, fd.FUSED_PROGRAMS = defaults
 
 
 def part_p(report: Report, device: torch.device, smoke: bool, deadline: float) -> None:

@@ -40,19 +40,31 @@ except ImportError:  # pragma: no cover - depends on the install
     triton = None
     tl = None
 
-FUSED_PROGRAMS = 16_384
-"""Programs a kernel launch aims at (splits of the pixels × images × channel blocks): many short programs
-keep the last wave small (a launch of ~1.2 waves of long programs leaves most SMs idle at its end)."""
-NUM_WARPS = 4
-"""Warps per program of both kernels."""
-NUM_STAGES = 1
-"""Software-pipelining stages of the kernels' pixel loops (1: none)."""
+@dataclass
+class KernelSettings:
+    """Launch settings of one kernel: pixels per tile (fewer where an image has fewer: the largest power of
+    two dividing its pixel count, at most this), warps per program, software-pipelining stages of the pixel
+    loop (1: none)."""
+
+    block_pixels: int
+    warps: int
+    stages: int
+
+
+# The best of a sweep on the H200 at (256, 160, 256, 256) bf16 (session 8, results/sample-h200-session8.json):
+# moments 1.52 ms (3.5 TB/s; a plain copy moves 4.2), residual add + moments 4.61 ms, scale-shift-SiLU 3.03 ms
+MOMENTS = KernelSettings(block_pixels=128, warps=4, stages=3)
+""":func:`channel_moments` reading x (+ bias) only."""
+ADD_MOMENTS = KernelSettings(block_pixels=128, warps=4, stages=1)
+""":func:`channel_moments` that writes its sum (the residual add)."""
+SCALE_SHIFT = KernelSettings(block_pixels=256, warps=8, stages=1)
+""":func:`scale_shift_act`."""
+FUSED_PROGRAMS = 65_536
+"""Programs a launch aims at (channel blocks × images × splits of the pixels): many short programs keep the
+last wave small (16,384 ran the kernels 12-24 % slower)."""
 FULL_ROW_CHANNELS = 0
 """Channel counts up to this read whole rows per tile (next power of two, lanes masked) instead of
-power-of-two channel blocks."""
-BLOCK_PIXELS = 64
-"""Pixels per tile (fewer where an image has fewer, or a count that 64 does not divide: the largest power of
-two dividing it)."""
+power-of-two channel blocks (measured: no better)."""
 
 
 def triton_available() -> bool:
@@ -73,15 +85,15 @@ def block_channels(channels: int) -> int:
     return min(64, triton.next_power_of_2(channels) if triton is not None else 1 << (channels - 1).bit_length())
 
 
-def tile_pixels(pixels: int) -> int:
-    """Pixels per tile for images of ``pixels`` pixels (:data:`BLOCK_PIXELS`)."""
-    return min(BLOCK_PIXELS, pixels & -pixels)
+def tile_pixels(pixels: int, settings: KernelSettings) -> int:
+    """Pixels per tile for images of ``pixels`` pixels (:class:`KernelSettings`)."""
+    return min(settings.block_pixels, pixels & -pixels)
 
 
-def pixel_splits(batch: int, channels: int, pixels: int) -> int:
+def pixel_splits(batch: int, channels: int, pixels: int, settings: KernelSettings) -> int:
     """Equal splits of each image's pixels, each a whole number of tiles: the smallest power of two giving
     :data:`FUSED_PROGRAMS` programs, or one tile per split."""
-    tile = tile_pixels(pixels)
+    tile = tile_pixels(pixels, settings)
     blocks = -(-channels // block_channels(channels))
     splits = 1
     while batch * blocks * splits < FUSED_PROGRAMS and pixels % (tile * splits * 2) == 0:
@@ -128,16 +140,16 @@ def scale_shift_act_reference(x_BCHW: torch.Tensor, scale_BC: torch.Tensor, shif
 if triton is not None:
 
     @triton.jit
-    def _moments_kernel(x_ptr, h_ptr, bias_ptr, out_ptr, mean_ptr, m2_ptr, pixels, channels, split_pixels, splits,
+    def _moments_kernel(x_ptr, h_ptr, bias_ptr, out_ptr, mean_ptr, m2_ptr, pixels, channels, split_pixels, splits, channel_blocks,
                         HAS_H: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE: tl.constexpr,
                         BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, STAGES: tl.constexpr):
-        """Program (channel block, image·splits + split): moments of x (+ h) (+ bias) over its split's pixels,
+        """Program (image·splits + split)·channel_blocks + channel block: moments of x (+ h) (+ bias) over its split's pixels,
         the sum written if WRITE. Each tile lane keeps a running (Welford) mean and m2 of the values it sees,
         one per tile step; the lanes of a channel, equal in count, are combined once at the end."""
-        row = tl.program_id(1)
+        row = tl.program_id(0) // channel_blocks
         image = row // splits
         split = row % splits
-        offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+        offs_c = (tl.program_id(0) % channel_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
         mask = (offs_c < channels)[None, :]
         if HAS_BIAS:
             bias = tl.load(bias_ptr + offs_c, mask=offs_c < channels, other=0.0).to(tl.float32)
@@ -169,14 +181,14 @@ if triton is not None:
         tl.store(m2_ptr + out_offs, channel_m2, mask=offs_c < channels)
 
     @triton.jit
-    def _scale_shift_act_kernel(x_ptr, scale_ptr, shift_ptr, out_ptr, pixels, channels, split_pixels, splits,
+    def _scale_shift_act_kernel(x_ptr, scale_ptr, shift_ptr, out_ptr, pixels, channels, split_pixels, splits, channel_blocks,
                                 SILU: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
                                 STAGES: tl.constexpr):
-        """Program (channel block, image·splits + split): out = x·scale + shift (then SiLU) over its pixels."""
-        row = tl.program_id(1)
+        """Program (image·splits + split)·channel_blocks + channel block: out = x·scale + shift (then SiLU) over its pixels."""
+        row = tl.program_id(0) // channel_blocks
         image = row // splits
         split = row % splits
-        offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+        offs_c = (tl.program_id(0) % channel_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
         mask = (offs_c < channels)[None, :]
         params = image.to(tl.int64) * channels + offs_c
         scale = tl.load(scale_ptr + params, mask=offs_c < channels, other=0.0)[None, :]
@@ -191,13 +203,17 @@ if triton is not None:
             tl.store(out_ptr + index, v.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _launch_shape(x_BCHW: torch.Tensor, splits: int) -> tuple[tuple[int, int], int, int, int]:
+def _launch(x_BCHW: torch.Tensor, splits: int, settings: KernelSettings) -> dict[str, object]:
+    """Grid and shape arguments of a kernel over ``x``: one program per (image, split, channel block), the
+    channel blocks of one pixel range adjacent (they share its cache lines: a 160-channel row is 320 bytes,
+    a 32-channel block reads half lines, fetched twice when its neighbours run apart)."""
     batch, channels, height, width = x_BCHW.shape
     pixels = height * width
     block_c = block_channels(channels)
-    # channel blocks vary fastest: the blocks of one pixel range run together and share its cache lines (a
-    # 160-channel row is 320 bytes; a 32-channel block reads half lines, fetched twice when run apart)
-    return (-(-channels // block_c), batch * splits), pixels, pixels // splits, block_c
+    blocks = -(-channels // block_c)
+    return dict(grid=(blocks * batch * splits,), pixels=pixels, channels=channels, split_pixels=pixels // splits,
+                splits=splits, channel_blocks=blocks, BLOCK_P=tile_pixels(pixels, settings), BLOCK_C=block_c,
+                STAGES=settings.stages, num_warps=settings.warps)
 
 
 def _check_layout(*tensors: torch.Tensor | None) -> None:
@@ -222,20 +238,19 @@ def channel_moments(
     the stored (rounded) values; else ``out`` is None.
     """
     batch, channels, height, width = x_BCHW.shape
-    splits = splits or pixel_splits(batch, channels, height * width)
+    settings = ADD_MOMENTS if write else MOMENTS
+    splits = splits or pixel_splits(batch, channels, height * width, settings)
     if not _use_kernels(x_BCHW):
         return moments_reference(x_BCHW, h_BCHW, bias_C, write, splits)
     _check_layout(x_BCHW, h_BCHW)
-    grid, pixels, split_pixels, block_c = _launch_shape(x_BCHW, splits)
     out_BCHW = torch.empty_like(x_BCHW, memory_format=torch.channels_last) if write else None
     mean_BSC = torch.empty(batch, splits, channels, dtype=torch.float32, device=x_BCHW.device)
     m2_BSC = torch.empty_like(mean_BSC)
     bias = bias_C.float().contiguous() if bias_C is not None else mean_BSC
-    _moments_kernel[grid](x_BCHW, h_BCHW if h_BCHW is not None else x_BCHW, bias,
-                          out_BCHW if write else x_BCHW, mean_BSC, m2_BSC, pixels, channels, split_pixels, splits,
-                          HAS_H=h_BCHW is not None, HAS_BIAS=bias_C is not None, WRITE=write,
-                          BLOCK_P=tile_pixels(pixels), BLOCK_C=block_c, STAGES=NUM_STAGES,
-                          num_warps=NUM_WARPS)
+    launch = _launch(x_BCHW, splits, settings)
+    _moments_kernel[launch.pop("grid")](x_BCHW, h_BCHW if h_BCHW is not None else x_BCHW, bias,
+                                        out_BCHW if write else x_BCHW, mean_BSC, m2_BSC, **launch,
+                                        HAS_H=h_BCHW is not None, HAS_BIAS=bias_C is not None, WRITE=write)
     return out_BCHW, mean_BSC, m2_BSC
 
 
@@ -247,13 +262,11 @@ def scale_shift_act(x_BCHW: torch.Tensor, scale_BC: torch.Tensor, shift_BC: torc
     if not _use_kernels(x_BCHW):
         return scale_shift_act_reference(x_BCHW, scale_BC, shift_BC, silu)
     _check_layout(x_BCHW)
-    splits = splits or pixel_splits(batch, channels, height * width)
-    grid, pixels, split_pixels, block_c = _launch_shape(x_BCHW, splits)
+    splits = splits or pixel_splits(batch, channels, height * width, SCALE_SHIFT)
     out_BCHW = torch.empty_like(x_BCHW, memory_format=torch.channels_last)
-    _scale_shift_act_kernel[grid](x_BCHW, scale_BC.float().contiguous(), shift_BC.float().contiguous(), out_BCHW,
-                                  pixels, channels, split_pixels, splits, SILU=silu,
-                                  BLOCK_P=tile_pixels(pixels), BLOCK_C=block_c, STAGES=NUM_STAGES,
-                          num_warps=NUM_WARPS)
+    launch = _launch(x_BCHW, splits, SCALE_SHIFT)
+    _scale_shift_act_kernel[launch.pop("grid")](x_BCHW, scale_BC.float().contiguous(), shift_BC.float().contiguous(),
+                                                out_BCHW, **launch, SILU=silu)
     return out_BCHW
 
 
@@ -415,10 +428,12 @@ class FusedDecodePath(nn.Module):
 
 
 __all__ = [
-    "BLOCK_PIXELS",
+    "ADD_MOMENTS",
     "FUSED_PROGRAMS",
     "FusedDecodePath",
-    "NUM_WARPS",
+    "KernelSettings",
+    "MOMENTS",
+    "SCALE_SHIFT",
     "block_channels",
     "channel_moments",
     "group_scale_shift",
