@@ -67,10 +67,13 @@ class PendingBatch:
 DECODER_COMPILE_MIN_SAMPLES = 50_000
 """Samples from which the fast path compiles its decoder. On the H200 at batch 256 the compiled decoder makes
 ~970 images/s and the eager one (bf16, NCHW) 501, 0.97 ms less per image, but compiling costs 50-60 s in a
-fresh process: it pays from ~55,000 images (``benchmarks/results/sample-h200-session6.json``)."""
-LEGACY_DECODER = {"compiled": True, "channel_stats_norm": False, "gemm_attention": False}
+fresh process: it pays from ~55,000 images (``benchmarks/results/sample-h200-session6.json``). Since the fused
+decode path (session 8, uncompiled, as fast as the compiled one) decodes chunks of 32 images or more, this
+only decides how smaller chunks decode."""
+LEGACY_DECODER = {"compiled": True, "channel_stats_norm": False, "gemm_attention": False, "fused_norm": False}
 """The fast path's decoder in runs whose synthesize.json records none (made before the record existed); a
-record without a key (``gemm_attention``: runs made before it was recorded) takes the key's value here."""
+record without a key (``gemm_attention``, ``fused_norm``: runs made before it was recorded) takes the key's
+value here."""
 
 
 class SynthGenerator:
@@ -246,24 +249,31 @@ class SynthGenerator:
             options = self.decoder_record() or {}
             self._fast_decoder = FastDecoder(self.vqvae, compile=options.get("compiled"),
                                              channel_stats_norm=options.get("channel_stats_norm"),
-                                             gemm_attention=options.get("gemm_attention", True))
+                                             gemm_attention=options.get("gemm_attention", True),
+                                             fused_norm=options.get("fused_norm", False))
         return self._fast_sampler, self._fast_decoder
 
     def decoder_record(self) -> dict[str, bool] | None:
-        """The fast path's decoder settings on CUDA, {"compiled", "channel_stats_norm", "gemm_attention"} (class
-        docstring); None where they do not apply (the CPU, where the decoder is exact, or the basic path)."""
+        """The fast path's decoder settings on CUDA, {"compiled", "channel_stats_norm", "gemm_attention",
+        "fused_norm"} (class docstring); None where they do not apply (the CPU, where the decoder is exact, or
+        the basic path). New runs decode chunks of 32 images or more through the fused (uncompiled) path where
+        Triton imports; ``compiled`` then only concerns smaller chunks."""
+        from medaug.models.fused_decode import triton_available
+
         if not self.fast_on_cuda:
             return None
         if self._fast_decoder is not None:
             decoder = self._fast_decoder
             return {"compiled": decoder.compiled, "channel_stats_norm": decoder.channel_stats_norm,
-                    "gemm_attention": decoder.gemm_attention}
+                    "gemm_attention": decoder.gemm_attention, "fused_norm": decoder.fused_norm}
         if self._adopted_decoder is not None:
             return dict(self._adopted_decoder)
         compiled = self.compile_decoder
         if compiled is None:
             compiled = self.expected_samples is None or self.expected_samples >= DECODER_COMPILE_MIN_SAMPLES
-        return {"compiled": compiled, "channel_stats_norm": compiled, "gemm_attention": True}
+        fused = triton_available()
+        return {"compiled": compiled, "channel_stats_norm": compiled and not fused, "gemm_attention": True,
+                "fused_norm": fused}
 
     def adopt_decoder(self, record: dict[str, Any] | None) -> None:
         """Decode as a run recorded (:meth:`decoder_record`; None: a run from before the record, which decoded
