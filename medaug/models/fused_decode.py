@@ -85,19 +85,29 @@ def block_channels(channels: int) -> int:
     return min(64, triton.next_power_of_2(channels) if triton is not None else 1 << (channels - 1).bit_length())
 
 
-def tile_pixels(pixels: int, settings: KernelSettings) -> int:
-    """Pixels per tile for images of ``pixels`` pixels (:class:`KernelSettings`)."""
-    return min(settings.block_pixels, pixels & -pixels)
+def tile_pixels(split_pixels: int, settings: KernelSettings) -> int:
+    """Pixels per tile for splits of ``split_pixels`` pixels: ``settings.block_pixels``, or the largest power
+    of two dividing ``split_pixels`` where that is less."""
+    return min(settings.block_pixels, split_pixels & -split_pixels)
 
 
 def pixel_splits(batch: int, channels: int, pixels: int, settings: KernelSettings) -> int:
-    """Equal splits of each image's pixels, each a whole number of tiles: the smallest power of two giving
-    :data:`FUSED_PROGRAMS` programs, or one tile per split."""
-    tile = tile_pixels(pixels, settings)
+    """Equal splits of each image's pixels: the smallest power of two giving :data:`FUSED_PROGRAMS` programs
+    while every split keeps at least one whole tile of ``settings.block_pixels``."""
     blocks = -(-channels // block_channels(channels))
     splits = 1
-    while batch * blocks * splits < FUSED_PROGRAMS and pixels % (tile * splits * 2) == 0:
+    while (batch * blocks * splits < FUSED_PROGRAMS and pixels % (2 * splits) == 0
+           and pixels // (2 * splits) >= settings.block_pixels):
         splits *= 2
+    return splits
+
+
+def _checked_splits(splits: int | None, x_BCHW: torch.Tensor, settings: KernelSettings) -> int:
+    batch, channels, height, width = x_BCHW.shape
+    if splits is None:
+        return pixel_splits(batch, channels, height * width, settings)
+    if splits < 1 or (height * width) % splits:
+        raise ValueError(f"splits is {splits}; expected a positive divisor of the {height * width} pixels per image")
     return splits
 
 
@@ -212,7 +222,7 @@ def _launch(x_BCHW: torch.Tensor, splits: int, settings: KernelSettings) -> dict
     block_c = block_channels(channels)
     blocks = -(-channels // block_c)
     return dict(grid=(blocks * batch * splits,), pixels=pixels, channels=channels, split_pixels=pixels // splits,
-                splits=splits, channel_blocks=blocks, BLOCK_P=tile_pixels(pixels, settings), BLOCK_C=block_c,
+                splits=splits, channel_blocks=blocks, BLOCK_P=tile_pixels(pixels // splits, settings), BLOCK_C=block_c,
                 STAGES=settings.stages, num_warps=settings.warps)
 
 
@@ -237,9 +247,9 @@ def channel_moments(
     from it. ``write``: v is also returned in x's dtype (``out``, channels-last) and the moments are those of
     the stored (rounded) values; else ``out`` is None.
     """
-    batch, channels, height, width = x_BCHW.shape
+    batch, channels = x_BCHW.shape[:2]
     settings = ADD_MOMENTS if write else MOMENTS
-    splits = splits or pixel_splits(batch, channels, height * width, settings)
+    splits = _checked_splits(splits, x_BCHW, settings)
     if not _use_kernels(x_BCHW):
         return moments_reference(x_BCHW, h_BCHW, bias_C, write, splits)
     _check_layout(x_BCHW, h_BCHW)
@@ -258,11 +268,10 @@ def scale_shift_act(x_BCHW: torch.Tensor, scale_BC: torch.Tensor, shift_BC: torc
                     splits: int | None = None) -> torch.Tensor:
     """x·scale + shift per (image, channel), then SiLU if ``silu``: (B, C, H, W) channels-last in x's dtype
     (computed in float32; ``scale_BC``/``shift_BC`` float32)."""
-    batch, channels, height, width = x_BCHW.shape
     if not _use_kernels(x_BCHW):
         return scale_shift_act_reference(x_BCHW, scale_BC, shift_BC, silu)
     _check_layout(x_BCHW)
-    splits = splits or pixel_splits(batch, channels, height * width, SCALE_SHIFT)
+    splits = _checked_splits(splits, x_BCHW, SCALE_SHIFT)
     out_BCHW = torch.empty_like(x_BCHW, memory_format=torch.channels_last)
     launch = _launch(x_BCHW, splits, SCALE_SHIFT)
     _scale_shift_act_kernel[launch.pop("grid")](x_BCHW, scale_BC.float().contiguous(), shift_BC.float().contiguous(),

@@ -522,16 +522,21 @@ def test_batches_queued_on_cuda_equal_batches_made_one_at_a_time(tiny_var_run):
         np.testing.assert_array_equal(other.label_BHW, one.label_BHW)
 
 
-def test_the_decoder_is_compiled_only_for_runs_where_compiling_pays_and_resumes_as_recorded(tiny_var_run):
+@pytest.mark.parametrize("triton", [True, False], ids=["with-triton", "without-triton"])
+def test_the_decoder_is_compiled_only_for_runs_where_compiling_pays_and_resumes_as_recorded(tiny_var_run, monkeypatch,
+                                                                                              triton):
+    import medaug.models.fused_decode as fused_decode
     from medaug.synth.engine import DECODER_COMPILE_MIN_SAMPLES, LEGACY_DECODER
 
+    monkeypatch.setattr(fused_decode, "triton_available", lambda: triton)
     generator = SynthGenerator(tiny_var_run["run_dir"], "cpu", fast=True)
     assert generator.decoder_record() is None  # off CUDA the decoder is exact: nothing to record or adopt
     generator.adopt_decoder({"compiled": True, "channel_stats_norm": True})
     assert generator.decoder_record() is None
     generator.device = torch.device("cuda")  # the rule alone: nothing runs on it
-    compiled = {"compiled": True, "channel_stats_norm": True, "gemm_attention": True}
-    eager = {"compiled": False, "channel_stats_norm": False, "gemm_attention": True}
+    # with Triton, chunks of 32 or more run the fused path and "compiled" only concerns smaller ones
+    compiled = {"compiled": True, "channel_stats_norm": not triton, "gemm_attention": True, "fused_norm": triton}
+    eager = {"compiled": False, "channel_stats_norm": False, "gemm_attention": True, "fused_norm": triton}
     assert generator.decoder_record() == compiled  # a dataset drawing epoch after epoch (GeneratorDataset)
     generator.expected_samples = DECODER_COMPILE_MIN_SAMPLES - 1
     assert generator.decoder_record() == eager
@@ -541,11 +546,14 @@ def test_the_decoder_is_compiled_only_for_runs_where_compiling_pays_and_resumes_
     assert generator.decoder_record() == eager
     generator.adopt_decoder(None)  # a run from before the record: as it decoded then
     assert generator.decoder_record() == LEGACY_DECODER == {"compiled": True, "channel_stats_norm": False,
-                                                            "gemm_attention": False}
+                                                            "gemm_attention": False, "fused_norm": False}
     generator.adopt_decoder(compiled)
     assert generator.decoder_record() == compiled
     generator.adopt_decoder({"compiled": True, "channel_stats_norm": True})  # recorded before gemm_attention
-    assert generator.decoder_record() == {**compiled, "gemm_attention": False}
+    assert generator.decoder_record() == {"compiled": True, "channel_stats_norm": True, "gemm_attention": False,
+                                          "fused_norm": False}
+    generator.adopt_decoder({"compiled": False, "channel_stats_norm": False, "gemm_attention": True})  # before fused
+    assert generator.decoder_record() == {**eager, "fused_norm": False}
 
 
 def test_the_fast_path_builds_the_decoder_it_records(tiny_var_run, monkeypatch):
@@ -558,7 +566,7 @@ def test_the_fast_path_builds_the_decoder_it_records(tiny_var_run, monkeypatch):
     monkeypatch.setattr(generator, "_fast_sampler", object())
     generator.adopt_decoder({"compiled": False, "channel_stats_norm": True})  # a record from before gemm_attention
     generator._fast_path()
-    assert built == [{"compile": False, "channel_stats_norm": True, "gemm_attention": False}]
+    assert built == [{"compile": False, "channel_stats_norm": True, "gemm_attention": False, "fused_norm": False}]
 
 
 def test_a_run_records_its_decoder_settings(tiny_synthesis):
