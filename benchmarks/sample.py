@@ -773,17 +773,19 @@ def decoder_chunks(vqvae: VQVAE, decoder: FastDecoder, device: torch.device, bat
 def part_g(report: Report, device: torch.device, smoke: bool, deadline: float) -> None:
     """The decoder alone at batch 256: each variant compiled and warmed, then timed in three round-robin
     rounds (so heat and clocks, which moved one variant 982 → 946 images/s between rounds in session 7,
-    treat all alike), then profiled. Variants (``--variants`` picks some): the shipped compiled default
-    (attention as bf16 GEMMs), the session-6 decoder (SDPA attention), and the eager bfloat16 NCHW decoder
-    that ``synthesize`` runs below 50,000 samples. ``MEDAUG_CUDNN_BENCHMARK_LIMIT`` (main) sets how many
-    cuDNN algorithms ``cudnn.benchmark`` tries per shape (torch's default 10; 0: all)."""
+    treat all alike), then profiled. Variants (``--variants`` picks some): the shipped default (the fused
+    path, ``fused_norm``), the compiled per-channel-statistics decoder (session 7's default, attention as
+    bf16 GEMMs), the session-6 decoder (SDPA attention), and the eager bfloat16 NCHW decoder.
+    ``MEDAUG_CUDNN_BENCHMARK_LIMIT`` (main) sets how many cuDNN algorithms ``cudnn.benchmark`` tries per
+    shape (torch's default 10; 0: all)."""
     _, vqvae = build_models("d16", device, smoke)
     batch, reps = (256, 5) if not smoke else (4, 1)
     f_hat_BCHW = random_features(vqvae, batch, device)
     flops = decoder_flops(vqvae, f_hat_BCHW[:1])
     result: dict[str, Any] = {"batch": batch, "flops_per_image": flops}
-    options = {"eager_bf16_nchw": dict(compile=False), "compiled_default": {},
-               "compiled_session6": dict(gemm_attention=False), "fused_norm": dict(fused_norm=True)}
+    options = {"eager_bf16_nchw": dict(compile=False, fused_norm=False),
+               "compiled_channel_stats": dict(fused_norm=False),
+               "compiled_session6": dict(gemm_attention=False, fused_norm=False), "fused_norm": {}}
     unknown = (VARIANTS or set()) - set(options)
     if unknown:
         raise SystemExit(f"--variants: unknown {sorted(unknown)}; expected some of {sorted(options)}")
@@ -806,7 +808,7 @@ def part_g(report: Report, device: torch.device, smoke: bool, deadline: float) -
         if decoder.compiled and left(deadline) > 10:
             result[name]["profile"] = profile_top(lambda d=decoder: d.decode(f_hat_BCHW), device, top=25)
         report.put("decoder_alone", result)
-    reference_name = next((name for name in ("compiled_session6", "compiled_default") if name in decoders), None)
+    reference_name = next((name for name in ("compiled_session6", "compiled_channel_stats") if name in decoders), None)
     if reference_name is not None:  # the changes compute the same function: outputs of the same f_hat agree
         result["reference"] = reference_name
         image_ref, logits_ref = decoders[reference_name].decode(f_hat_BCHW[:32])
