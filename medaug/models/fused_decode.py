@@ -72,8 +72,12 @@ def triton_available() -> bool:
     return triton is not None
 
 
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+"""Whether ``triton.jit`` made interpreted kernels (it reads the variable when this module is imported)."""
+
+
 def _use_kernels(x: torch.Tensor) -> bool:
-    return triton is not None and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+    return triton is not None and (x.is_cuda or _INTERPRETED)
 
 
 def block_channels(channels: int) -> int:
@@ -379,8 +383,9 @@ class FusedDecodePath(nn.Module):
             fuse_silu = isinstance(layer, nn.GroupNorm) and i + 1 < len(layers) and isinstance(layers[i + 1], nn.SiLU)
             x = self._layer(layer, x, fuse_silu)
             i += 2 if fuse_silu else 1
-        out_BCHW = x.stored if x.bias is None else x.stored + x.bias.to(x.stored.dtype)[:, None, None]
-        return out_BCHW
+        if x.bias is None:
+            return x.stored
+        return (x.stored.float() + x.bias[:, None, None]).to(x.stored.dtype)  # one rounding, as a conv with bias
 
     def _layer(self, layer: nn.Module, x: _Activation, fuse_silu: bool) -> _Activation:
         from medaug.models.vqvae import FoldedUpsample, ResnetBlock, SelfAttention, Upsample

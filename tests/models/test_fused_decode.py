@@ -27,6 +27,19 @@ def _channels_last(x_BCHW: torch.Tensor) -> torch.Tensor:
     return x_BCHW.contiguous(memory_format=torch.channels_last)
 
 
+def _randomized(vqvae):
+    """``vqvae`` with N(0, 1) GroupNorm affines and convolution biases (the bias folding sees real values)."""
+    generator = torch.Generator().manual_seed(26)
+    with torch.no_grad():
+        for module in vqvae.modules():
+            if isinstance(module, torch.nn.GroupNorm):
+                module.weight.copy_(1 + 0.5 * torch.randn(module.weight.shape, generator=generator))
+                module.bias.copy_(torch.randn(module.bias.shape, generator=generator))
+            elif isinstance(module, torch.nn.Conv2d) and module.bias is not None:
+                module.bias.copy_(torch.randn(module.bias.shape, generator=generator))
+    return vqvae
+
+
 def _fused_path(vqvae, fold: bool) -> fd.FusedDecodePath:
     decoder = fold_upsamples(copy.deepcopy(vqvae.decoder)) if fold else copy.deepcopy(vqvae.decoder)
     path = fd.FusedDecodePath(copy.deepcopy(vqvae.post_quant_conv), decoder).eval()
@@ -37,7 +50,7 @@ def _fused_path(vqvae, fold: bool) -> fd.FusedDecodePath:
 def test_fused_decode_path_in_float32_is_the_decode_path(fold):
     # widths 16-16-32-32-64: blocks that change width (1×1 skips reading a tensor whose bias is pending after
     # an upsample), attention at the lowest level, the output norm + SiLU + conv
-    vqvae = _vqvae()
+    vqvae = _randomized(_vqvae())
     f_hat_BCHW = torch.randn(3, 8, 4, 4, generator=torch.Generator().manual_seed(21))
     with torch.no_grad():
         expected = vqvae.decoder(vqvae.post_quant_conv(f_hat_BCHW))
@@ -158,7 +171,7 @@ def interpreted_errors() -> dict[str, float]:
             for silu in (True, False):
                 out = fd.scale_shift_act(x, scale, shift, silu=silu, splits=splits)
                 errors[f"scale_shift_silu{int(silu)}_{tag}"] = rel(out, fd.scale_shift_act_reference(x, scale, shift, silu))
-        vqvae = _vqvae()
+        vqvae = _randomized(_vqvae())
         f_hat_BCHW = torch.randn(2, 8, 4, 4, generator=generator)
         with torch.no_grad():
             expected = vqvae.decoder(vqvae.post_quant_conv(f_hat_BCHW))
