@@ -34,7 +34,7 @@ def synthesize(
     dicom_sop: str = typer.Option("image", "--dicom-sop", help="DICOM storage class: image (CT/MR Image Storage) or sc (Secondary Capture)."),
     nnunet_id: int = typer.Option(900, "--nnunet-id", help="First nnU-Net dataset number (one dataset per domain)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", min=1, help=f"Samples per batch (per process; default {GPU_BATCH} on a GPU in bfloat16, where the sampler splits what does not fit, else {CPU_BATCH})."),
-    compile_decoder: str = typer.Option("auto", "--compile-decoder", help="auto: compile the GPU decoder for runs of at least 50,000 samples (compiling takes about a minute); on; off."),
+    compile_decoder: str = typer.Option("auto", "--compile-decoder", help="the GPU decoder's path for chunks under 32 images (larger ones run the fused, uncompiled path): auto compiles it only without Triton, for runs of at least 50,000 samples (compiling takes about a minute); on; off."),
     device: str = typer.Option("auto", "--device", help="auto (a GPU when present), cpu or cuda."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 or bfloat16 (default: bfloat16 on GPUs, float32 on CPU)."),
     workers: int = typer.Option(2, "--workers", min=1, help="Export threads."),

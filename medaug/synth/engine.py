@@ -68,8 +68,9 @@ DECODER_COMPILE_MIN_SAMPLES = 50_000
 """Samples from which the fast path compiles its decoder. On the H200 at batch 256 the compiled decoder makes
 ~970 images/s and the eager one (bf16, NCHW) 501, 0.97 ms less per image, but compiling costs 50-60 s in a
 fresh process: it pays from ~55,000 images (``benchmarks/results/sample-h200-session6.json``). Since the fused
-decode path (session 8, uncompiled, as fast as the compiled one) decodes chunks of 32 images or more, this
-only decides how smaller chunks decode."""
+decode path (session 8, uncompiled, as fast as the compiled one) decodes chunks of 32 images or more, a
+planned run compiles nothing by default where Triton imports (its last chunk alone would pay the minute);
+an endless stream (``GeneratorDataset``) still compiles the small-chunk path."""
 LEGACY_DECODER = {"compiled": True, "channel_stats_norm": False, "gemm_attention": False, "fused_norm": False}
 """The fast path's decoder in runs whose synthesize.json records none (made before the record existed); a
 record without a key (``gemm_attention``, ``fused_norm``: runs made before it was recorded) takes the key's
@@ -268,10 +269,10 @@ class SynthGenerator:
                     "gemm_attention": decoder.gemm_attention, "fused_norm": decoder.fused_norm}
         if self._adopted_decoder is not None:
             return dict(self._adopted_decoder)
-        compiled = self.compile_decoder
-        if compiled is None:
-            compiled = self.expected_samples is None or self.expected_samples >= DECODER_COMPILE_MIN_SAMPLES
         fused = triton_available()
+        compiled = self.compile_decoder
+        if compiled is None:  # with the fused path a planned run's compile would only serve its last chunk
+            compiled = self.expected_samples is None or (not fused and self.expected_samples >= DECODER_COMPILE_MIN_SAMPLES)
         return {"compiled": compiled, "channel_stats_norm": compiled and not fused, "gemm_attention": True,
                 "fused_norm": fused}
 

@@ -541,6 +541,8 @@ def test_the_decoder_is_compiled_only_for_runs_where_compiling_pays_and_resumes_
     generator.expected_samples = DECODER_COMPILE_MIN_SAMPLES - 1
     assert generator.decoder_record() == eager
     generator.expected_samples = DECODER_COMPILE_MIN_SAMPLES
+    assert generator.decoder_record() == (eager if triton else compiled)  # fused: compiling serves the last chunk
+    generator.compile_decoder = True
     assert generator.decoder_record() == compiled
     generator.compile_decoder = False
     assert generator.decoder_record() == eager
