@@ -72,6 +72,19 @@ def triton_available() -> bool:
     return triton is not None
 
 
+MIN_CAPABILITY = (8, 0)
+"""GPUs the fused path is the default on (Ampere and later: bf16 tensor cores, Triton's supported range)."""
+
+
+def fused_default(device: torch.device | str) -> bool:
+    """Whether the fused decode path is the default on ``device``: a CUDA GPU of :data:`MIN_CAPABILITY` or
+    later where Triton imports (older GPUs keep the torch decoder rather than fail in Triton's compiler)."""
+    device = torch.device(device)
+    if device.type != "cuda" or not triton_available() or not torch.cuda.is_available():
+        return False
+    return torch.cuda.get_device_capability(device) >= MIN_CAPABILITY
+
+
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 """Whether ``triton.jit`` made interpreted kernels (it reads the variable when this module is imported)."""
 
@@ -449,6 +462,7 @@ __all__ = [
     "MOMENTS",
     "SCALE_SHIFT",
     "block_channels",
+    "fused_default",
     "channel_moments",
     "group_scale_shift",
     "moments_reference",

@@ -574,11 +574,12 @@ class FastDecoder:
     convolution algorithms, picked per shape) does not depend on what else holds memory at the time (the
     decode may run on a side stream beside sampling); after an out-of-memory error the chunk halves, with a
     warning, and stays halved.
-    ``fused_norm`` (default on CUDA where Triton imports) runs chunks of at least ``channel_stats_min_batch``
-    images through :class:`~medaug.models.fused_decode.FusedDecodePath` instead (GroupNorm, SiLU and residual
-    adds in Triton kernels beside cuDNN convolutions, uncompiled; it replaces the per-channel-statistics
-    path): at batch 256 on the H200 1,001 and 979 images/s against the compiled path's 986 and 958 in the
-    same runs, with no ~55 s compile (session 8, ``results/sample-h200-session8.json``).
+    ``fused_norm`` (default on CUDA GPUs of compute capability 8.0 or later where Triton imports) runs chunks
+    of at least ``channel_stats_min_batch`` images through :class:`~medaug.models.fused_decode.FusedDecodePath`
+    instead (GroupNorm, SiLU and residual adds in Triton kernels beside cuDNN convolutions, uncompiled; it
+    replaces the per-channel-statistics path): at batch 256 on the H200 1,013, 1,001 and 979 images/s against
+    the compiled path's 991, 986 and 958 in the same runs, with no ~55 s compile (session 8,
+    ``results/sample-h200-session8.json``).
     With float32 weights and every option off it computes exactly :meth:`VQVAE.decode`.
     On CUDA it turns on ``torch.backends.cudnn.benchmark`` (convolution algorithms picked per shape).
     """
@@ -609,9 +610,9 @@ class FastDecoder:
         self.fold_upsample = cuda if fold_upsample is None else fold_upsample
         self.gemm_attention = gemm_attention
         if fused_norm is None:
-            from medaug.models.fused_decode import triton_available
+            from medaug.models.fused_decode import fused_default
 
-            fused_norm = cuda and triton_available()
+            fused_norm = fused_default(self.device)
         self.fused_norm = fused_norm
         default_stats = cuda and self.compiled and not fused_norm
         self.channel_stats_norm = default_stats if channel_stats_norm is None else channel_stats_norm

@@ -69,8 +69,8 @@ DECODER_COMPILE_MIN_SAMPLES = 50_000
 ~970 images/s and the eager one (bf16, NCHW) 501, 0.97 ms less per image, but compiling costs 50-60 s in a
 fresh process: it pays from ~55,000 images (``benchmarks/results/sample-h200-session6.json``). Since the fused
 decode path (session 8, uncompiled, as fast as the compiled one) decodes chunks of 32 images or more, a
-planned run compiles nothing by default where Triton imports (its last chunk alone would pay the minute);
-an endless stream (``GeneratorDataset``) still compiles the small-chunk path."""
+planned run compiles nothing by default where that path is the default (its last chunk alone would pay the
+minute); an endless stream (``GeneratorDataset``) still compiles the small-chunk path."""
 LEGACY_DECODER = {"compiled": True, "channel_stats_norm": False, "gemm_attention": False, "fused_norm": False}
 """The fast path's decoder in runs whose synthesize.json records none (made before the record existed); a
 record without a key (``gemm_attention``, ``fused_norm``: runs made before it was recorded) takes the key's
@@ -257,9 +257,10 @@ class SynthGenerator:
     def decoder_record(self) -> dict[str, bool] | None:
         """The fast path's decoder settings on CUDA, {"compiled", "channel_stats_norm", "gemm_attention",
         "fused_norm"} (class docstring); None where they do not apply (the CPU, where the decoder is exact, or
-        the basic path). New runs decode chunks of 32 images or more through the fused (uncompiled) path where
-        Triton imports; ``compiled`` then only concerns smaller chunks."""
-        from medaug.models.fused_decode import triton_available
+        the basic path). New runs decode chunks of 32 images or more through the fused (uncompiled) path where it
+        is the default (:func:`~medaug.models.fused_decode.fused_default`); ``compiled`` then only concerns
+        smaller chunks."""
+        from medaug.models.fused_decode import fused_default
 
         if not self.fast_on_cuda:
             return None
@@ -269,7 +270,7 @@ class SynthGenerator:
                     "gemm_attention": decoder.gemm_attention, "fused_norm": decoder.fused_norm}
         if self._adopted_decoder is not None:
             return dict(self._adopted_decoder)
-        fused = triton_available()
+        fused = fused_default(self.device)
         compiled = self.compile_decoder
         if compiled is None:  # with the fused path a planned run's compile would only serve its last chunk
             compiled = self.expected_samples is None or (not fused and self.expected_samples >= DECODER_COMPILE_MIN_SAMPLES)

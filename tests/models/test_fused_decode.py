@@ -128,6 +128,17 @@ def test_fast_decoder_runs_the_fused_path_from_its_minimum_batch():
     assert FastDecoder(vqvae, compile=False).fused_path is None  # off by default on the CPU
 
 
+def test_the_fused_path_is_the_default_only_on_gpus_that_run_it(monkeypatch):
+    assert not fd.fused_default("cpu")
+    monkeypatch.setattr(fd, "triton_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for capability, expected in (((7, 0), False), ((7, 5), False), ((8, 0), True), ((9, 0), True)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device, c=capability: c)
+        assert fd.fused_default("cuda") == expected
+    monkeypatch.setattr(fd, "triton_available", lambda: False)
+    assert not fd.fused_default("cuda:0")
+
+
 # ---------------------------------------------------------------- the Triton kernels, interpreted
 INTERPRETED_CHECK = r"""
 import json, torch

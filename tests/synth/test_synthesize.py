@@ -528,7 +528,7 @@ def test_the_decoder_is_compiled_only_for_runs_where_compiling_pays_and_resumes_
     import medaug.models.fused_decode as fused_decode
     from medaug.synth.engine import DECODER_COMPILE_MIN_SAMPLES, LEGACY_DECODER
 
-    monkeypatch.setattr(fused_decode, "triton_available", lambda: triton)
+    monkeypatch.setattr(fused_decode, "fused_default", lambda device: triton)
     generator = SynthGenerator(tiny_var_run["run_dir"], "cpu", fast=True)
     assert generator.decoder_record() is None  # off CUDA the decoder is exact: nothing to record or adopt
     generator.adopt_decoder({"compiled": True, "channel_stats_norm": True})
