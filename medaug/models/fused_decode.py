@@ -62,9 +62,6 @@ SCALE_SHIFT = KernelSettings(block_pixels=256, warps=8, stages=1)
 FUSED_PROGRAMS = 65_536
 """Programs a launch aims at (channel blocks × images × splits of the pixels): many short programs keep the
 last wave small (16,384 ran the kernels 12-24 % slower)."""
-FULL_ROW_CHANNELS = 0
-"""Channel counts up to this read whole rows per tile (next power of two, lanes masked) instead of
-power-of-two channel blocks (measured: no better)."""
 
 
 def triton_available() -> bool:
@@ -95,9 +92,10 @@ def _use_kernels(x: torch.Tensor) -> bool:
 
 def block_channels(channels: int) -> int:
     """Channels per tile: the largest power of two ≤ 64 dividing ``channels`` (no masked lanes) when it is
-    at least 16, else the next power of two ≥ ``channels`` (masked), at most 64."""
+    at least 16, else the next power of two ≥ ``channels`` (masked), at most 64. (Whole rows per tile, lanes
+    masked, measured no better on the H200.)"""
     largest = channels & -channels
-    if largest >= 16 and channels > FULL_ROW_CHANNELS:
+    if largest >= 16:
         return min(largest, 64)
     return min(64, triton.next_power_of_2(channels) if triton is not None else 1 << (channels - 1).bit_length())
 
@@ -167,11 +165,12 @@ def scale_shift_act_reference(x_BCHW: torch.Tensor, scale_BC: torch.Tensor, shif
 if triton is not None:
 
     @triton.jit
-    def _moments_kernel(x_ptr, h_ptr, bias_ptr, out_ptr, mean_ptr, m2_ptr, pixels, channels, split_pixels, splits, channel_blocks,
+    def _moments_kernel(x_ptr, h_ptr, bias_ptr, out_ptr, mean_ptr, m2_ptr, pixels, channels, split_pixels, splits,
+                        channel_blocks,
                         HAS_H: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE: tl.constexpr,
                         BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, STAGES: tl.constexpr):
-        """Program (image·splits + split)·channel_blocks + channel block: moments of x (+ h) (+ bias) over its split's pixels,
-        the sum written if WRITE. Each tile lane keeps a running (Welford) mean and m2 of the values it sees,
+        """Program (image·splits + split)·channel_blocks + channel block: moments of x (+ h) (+ bias) over its
+        split's pixels, the sum written if WRITE. Each tile lane keeps a running (Welford) mean and m2 of the values it sees,
         one per tile step; the lanes of a channel, equal in count, are combined once at the end."""
         row = tl.program_id(0) // channel_blocks
         image = row // splits
@@ -208,10 +207,12 @@ if triton is not None:
         tl.store(m2_ptr + out_offs, channel_m2, mask=offs_c < channels)
 
     @triton.jit
-    def _scale_shift_act_kernel(x_ptr, scale_ptr, shift_ptr, out_ptr, pixels, channels, split_pixels, splits, channel_blocks,
+    def _scale_shift_act_kernel(x_ptr, scale_ptr, shift_ptr, out_ptr, pixels, channels, split_pixels, splits,
+                                channel_blocks,
                                 SILU: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
                                 STAGES: tl.constexpr):
-        """Program (image·splits + split)·channel_blocks + channel block: out = x·scale + shift (then SiLU) over its pixels."""
+        """Program (image·splits + split)·channel_blocks + channel block: out = x·scale + shift (then SiLU) over
+        its split's pixels."""
         row = tl.program_id(0) // channel_blocks
         image = row // splits
         split = row % splits
@@ -239,8 +240,8 @@ def _launch(x_BCHW: torch.Tensor, splits: int, settings: KernelSettings) -> dict
     block_c = block_channels(channels)
     blocks = -(-channels // block_c)
     return dict(grid=(blocks * batch * splits,), pixels=pixels, channels=channels, split_pixels=pixels // splits,
-                splits=splits, channel_blocks=blocks, BLOCK_P=tile_pixels(pixels // splits, settings), BLOCK_C=block_c,
-                STAGES=settings.stages, num_warps=settings.warps)
+                splits=splits, channel_blocks=blocks, BLOCK_P=tile_pixels(pixels // splits, settings),
+                BLOCK_C=block_c, STAGES=settings.stages, num_warps=settings.warps)
 
 
 def _check_layout(*tensors: torch.Tensor | None) -> None:
@@ -331,23 +332,31 @@ class _Activation:
 
     stored: torch.Tensor
     bias: torch.Tensor | None = None
-    moments: tuple[torch.Tensor, torch.Tensor, int] | None = None
+    moments: tuple[torch.Tensor, torch.Tensor, int] | None = None  # (mean (B, S, C), m2 (B, S, C), pixels/split)
+
+    @classmethod
+    def sum_of(cls, x_BCHW: torch.Tensor, h_BCHW: torch.Tensor | None, bias_C: torch.Tensor | None) -> _Activation:
+        """x (+ h) (+ bias) written out in one pass, with its moments."""
+        out_BCHW, mean_BSC, m2_BSC = channel_moments(x_BCHW, h_BCHW, bias_C, write=True)
+        return cls(out_BCHW, None, (mean_BSC, m2_BSC, _split_pixels(out_BCHW, mean_BSC)))
 
     def with_moments(self) -> _Activation:
         if self.moments is None:
             _, mean_BSC, m2_BSC = channel_moments(self.stored, None, self.bias)
-            self.moments = (mean_BSC, m2_BSC, self.stored.shape[2] * self.stored.shape[3] // mean_BSC.shape[1])
+            self.moments = (mean_BSC, m2_BSC, _split_pixels(self.stored, mean_BSC))
         return self
 
     def materialized(self) -> torch.Tensor:
         """The tensor with its bias added (convolutions with zero padding need it: a bias is no constant
         through their borders)."""
-        if self.bias is None:
-            return self.stored
-        stored, mean_BSC, m2_BSC = channel_moments(self.stored, None, self.bias, write=True)
-        self.stored, self.bias = stored, None
-        self.moments = (mean_BSC, m2_BSC, stored.shape[2] * stored.shape[3] // mean_BSC.shape[1])
-        return stored
+        if self.bias is not None:
+            summed = _Activation.sum_of(self.stored, None, self.bias)
+            self.stored, self.bias, self.moments = summed.stored, None, summed.moments
+        return self.stored
+
+
+def _split_pixels(x_BCHW: torch.Tensor, mean_BSC: torch.Tensor) -> int:
+    return x_BCHW.shape[2] * x_BCHW.shape[3] // mean_BSC.shape[1]
 
 
 def _normalized(norm: nn.GroupNorm, x: _Activation, silu: bool) -> torch.Tensor:
@@ -432,26 +441,20 @@ class FusedDecodePath(nn.Module):
                 skip.bias = skip.bias + block.skip.weight.detach().float()[:, :, 0, 0] @ x.bias
         else:
             skip = x
-        out_BCHW, mean_BSC, m2_BSC = channel_moments(skip.stored, h2.stored, _add_bias(skip.bias, h2.bias), write=True)
-        split_pixels = out_BCHW.shape[2] * out_BCHW.shape[3] // mean_BSC.shape[1]
-        return _Activation(out_BCHW, None, (mean_BSC, m2_BSC, split_pixels))
+        return _Activation.sum_of(skip.stored, h2.stored, _add_bias(skip.bias, h2.bias))
 
     @staticmethod
     def _attention(attention: nn.Module, x: _Activation) -> _Activation:
         """x + proj(softmax(q·kᵀ/√C)·v) over all positions, q·kᵀ and p·v as batched GEMMs (float32 softmax)."""
+        from medaug.models.vqvae import gemm_attention
+
         batch, channels, height, width = x.stored.shape
         h_BNC = _normalized(attention.norm, x, silu=False).permute(0, 2, 3, 1).reshape(batch, height * width, channels)
         qkv_weight = attention.qkv.weight.view(3 * channels, channels)
-        q_BNC, k_BNC, v_BNC = F.linear(h_BNC, qkv_weight, attention.qkv.bias).chunk(3, dim=-1)
-        scores_BNN = torch.bmm(q_BNC, k_BNC.transpose(1, 2)).float() * channels**-0.5
-        attended_BNC = torch.bmm(scores_BNN.softmax(dim=-1).to(v_BNC.dtype), v_BNC)
+        attended_BNC = gemm_attention(F.linear(h_BNC, qkv_weight, attention.qkv.bias))
         out_BNC = F.linear(attended_BNC, attention.proj.weight.view(channels, channels))
         out_BCHW = out_BNC.view(batch, height, width, channels).permute(0, 3, 1, 2)  # channels-last view
-        x_BCHW = x.stored
-        total_bias = _add_bias(x.bias, _bias(attention.proj))
-        out_BCHW, mean_BSC, m2_BSC = channel_moments(x_BCHW, out_BCHW, total_bias, write=True)
-        split_pixels = height * width // mean_BSC.shape[1]
-        return _Activation(out_BCHW, None, (mean_BSC, m2_BSC, split_pixels))
+        return _Activation.sum_of(x.stored, out_BCHW, _add_bias(x.bias, _bias(attention.proj)))
 
 
 __all__ = [

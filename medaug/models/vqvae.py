@@ -520,11 +520,16 @@ class GemmSelfAttention(nn.Module):
     def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
         batch, channels, height, width = x_BCHW.shape
         h_BNC = self.norm(x_BCHW).permute(0, 2, 3, 1).reshape(batch, height * width, channels)
-        q_BNC, k_BNC, v_BNC = self.qkv(h_BNC).chunk(3, dim=-1)
-        scores_BNN = torch.bmm(q_BNC, k_BNC.transpose(1, 2)).float() * channels**-0.5
-        attended_BNC = torch.bmm(scores_BNN.softmax(dim=-1).to(v_BNC.dtype), v_BNC)
-        out_BHWC = self.proj(attended_BNC).view(batch, height, width, channels)
+        out_BHWC = self.proj(gemm_attention(self.qkv(h_BNC))).view(batch, height, width, channels)
         return x_BCHW + out_BHWC.permute(0, 3, 1, 2)
+
+
+def gemm_attention(qkv_BN3C: torch.Tensor) -> torch.Tensor:
+    """Single-head softmax(q·kᵀ/√C)·v (B, N, C) from a (B, N, 3·C) projection: two batched GEMMs in its dtype
+    with a float32 softmax (:class:`GemmSelfAttention`)."""
+    q_BNC, k_BNC, v_BNC = qkv_BN3C.chunk(3, dim=-1)
+    scores_BNN = torch.bmm(q_BNC, k_BNC.transpose(1, 2)).float() * q_BNC.shape[-1] ** -0.5
+    return torch.bmm(scores_BNN.softmax(dim=-1).to(v_BNC.dtype), v_BNC)
 
 
 def gemm_attentions(decoder: nn.Sequential) -> nn.Sequential:
@@ -646,15 +651,14 @@ class FastDecoder:
         return path.to(memory_format=torch.channels_last) if self.channels_last else path
 
     def _fused_path(self, vqvae: VQVAE) -> nn.Module:
-        """The decode path for :class:`~medaug.models.fused_decode.FusedDecodePath` (channels-last, folded
-        upsamples, uncompiled: its kernels are Triton's)."""
+        """:class:`~medaug.models.fused_decode.FusedDecodePath` over a copy of the plain decode path
+        (channels-last, uncompiled: its kernels are Triton's)."""
         from medaug.models.fused_decode import FusedDecodePath, triton_available
 
         if self.device.type == "cuda" and not triton_available():
             log.warning("fused_norm: Triton is not installed; the fused decode path runs its torch reference")
-        decoder = fold_upsamples(copy.deepcopy(vqvae.decoder)) if self.fold_upsample else copy.deepcopy(vqvae.decoder)
-        path = FusedDecodePath(copy.deepcopy(vqvae.post_quant_conv), decoder).eval()
-        return path.to(self.dtype).requires_grad_(False).to(memory_format=torch.channels_last)
+        path = self._decode_path(vqvae, None)
+        return FusedDecodePath(path.post_quant_conv, path.decoder).eval().to(memory_format=torch.channels_last)
 
     def chunk_size(self) -> int:
         """Images per decoder call (class docstring): at most ``max_chunk``; on CUDA what fits in a third of
@@ -707,8 +711,7 @@ class FastDecoder:
     def _path_for(self, batch: int) -> tuple[Any, int]:
         """The (compiled) decode path for a chunk of ``batch`` images and the rows to run it on: the fused path
         (if ``fused_norm``) or else per-channel statistics from ``channel_stats_min_batch`` images on, torch's
-        GroupNorm below (by configuration
-        alone, so a batch decodes the same whatever ran before). Compiled, a single image is padded to two
+        GroupNorm below (by configuration alone, so a batch decodes the same whatever ran before). Compiled, a single image is padded to two
         (a size-1 batch would be specialised: compile once)."""
         if self.fused_path is not None and batch >= self.channel_stats_min_batch:
             return self.fused_path, batch
@@ -751,6 +754,7 @@ __all__ = [
     "SelfAttention",
     "label_to_onehot",
     "fold_upsamples",
+    "gemm_attention",
     "gemm_attentions",
     "logits_to_label",
     "norm_groups",

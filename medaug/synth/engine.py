@@ -273,7 +273,8 @@ class SynthGenerator:
         fused = fused_default(self.device)
         compiled = self.compile_decoder
         if compiled is None:  # with the fused path a planned run's compile would only serve its last chunk
-            compiled = self.expected_samples is None or (not fused and self.expected_samples >= DECODER_COMPILE_MIN_SAMPLES)
+            large = self.expected_samples is not None and self.expected_samples >= DECODER_COMPILE_MIN_SAMPLES
+            compiled = self.expected_samples is None or (large and not fused)
         return {"compiled": compiled, "channel_stats_norm": compiled and not fused, "gemm_attention": True,
                 "fused_norm": fused}
 
