@@ -823,6 +823,157 @@ def part_g(report: Report, device: torch.device, smoke: bool, deadline: float) -
     report.put("decoder_alone", result)
 
 
+def _sweep(module: Any, names: tuple[str, ...], values: list[tuple], function: Callable[[], Any],
+           device: torch.device, smoke: bool, deadline: float) -> list[dict[str, Any]]:
+    """ms of ``function`` with each tuple of ``values`` set as ``module``'s ``names`` (restored after)."""
+    defaults, rows = tuple(getattr(module, name) for name in names), []
+    for setting in values:
+        if left(deadline) < 20:
+            break
+        for name, value in zip(names, setting):
+            setattr(module, name, value)
+        row = dict(zip(names, setting))
+        try:
+            function()
+            sync(device)
+            row["ms"] = round(1000 * timed(function, device, 10 if not smoke else 1), 3)
+        except Exception as error:  # noqa: BLE001 (a setting the compiler rejects)
+            row["ms"] = f"{type(error).__name__}: {str(error)[:120]}"
+        rows.append(row)
+    for name, value in zip(names, defaults):
+        setattr(module, name, value)
+    return rows
+
+
+@torch.no_grad()
+def qkv_kernel(device: torch.device, smoke: bool, deadline: float) -> dict[str, Any]:
+    """fused_qkv against the compiled normalized_qkv at d16's last scale at batch 256 with guidance (512 rows of
+    256 tokens, 16 heads of 64) writing into the sampler's real (>2³¹-element) cache."""
+    from medaug.models import fused_sample as fs
+    from medaug.models.sampling import ChainedKVCache, normalized_qkv
+
+    config = var_preset("d16", num_domains=DOMAINS, num_structures=STRUCTURES)
+    if smoke:
+        config = var_preset("tiny", depth=2, width=64, heads=4, patch_sides=(1, 2, 3, 4), codebook_size=64,
+                            latent_dim=8, num_domains=DOMAINS, num_structures=STRUCTURES)
+    rows, k = (512 if not smoke else 4), config.num_scales - 1
+    start, length = config.scale_starts[k], config.tokens_per_scale[k]
+    generator = torch.Generator(device=device).manual_seed(5)
+    qkv = torch.randn(rows, length, 3 * config.width, generator=generator, device=device).to(torch.bfloat16)
+    scale = (torch.rand(1, 1, config.heads, 1, generator=generator, device=device) * 4 + 1)
+    dtype = torch.bfloat16
+    cache, reference = ChainedKVCache(rows, config, dtype, device), ChainedKVCache(rows if smoke else 8, config, dtype, device)
+    compiled = torch.compile(normalized_qkv, dynamic=None)
+    result: dict[str, Any] = {"rows": rows, "length": length, "cache_elements": cache.keys_RPHD.numel()}
+    q = fs.fused_qkv(qkv, scale, *cache.slots(0, start, length))
+    few = slice(0, reference.keys_RPHD.shape[0])
+    q_ref = compiled(qkv[few], scale, *reference.slots(0, start, length))
+    q_32 = fs.qkv_reference(qkv[few].float(), scale, *[t.float() for t in reference.slots(0, start, length)])
+    keys, keys_ref = cache.slots(0, start, length)[0][few], reference.slots(0, start, length)[0]
+    result["checks"] = {"q_max_abs_vs_compiled": (q[few] - q_ref).abs().max().item(),
+                        "q_max_abs_vs_float32": (q[few].float() - q_32).abs().max().item(),
+                        "k_max_abs_vs_compiled": (keys.float() - keys_ref.float()).abs().max().item(),
+                        "v_equal": bool(torch.equal(cache.slots(0, start, length)[1][few],
+                                                    reference.slots(0, start, length)[1]))}
+    moved_gb = qkv.numel() * qkv.element_size() * 2 / 1e9
+    cases = {"fused": lambda: fs.fused_qkv(qkv, scale, *cache.slots(0, start, length)),
+             "compiled": lambda: compiled(qkv, scale, *cache.slots(0, start, length)),
+             "copy_same_bytes": lambda: qkv.clone()}
+    for name, function in cases.items():
+        function()
+        sync(device)
+        seconds = timed(function, device, 10 if not smoke else 1)
+        result[name] = {"ms": round(1000 * seconds, 3),
+                        "tb_per_s": round(moved_gb / seconds / 1000 * (0.5 if name == "copy_same_bytes" else 1), 2)}
+    sweep = [(r, w) for r in (16, 32, 64, 128) for w in (2, 4, 8)]
+    result["sweep"] = _sweep(fs, ("QKV_ROWS", "QKV_WARPS"), sweep if not smoke else sweep[:2], cases["fused"],
+                             device, smoke, deadline)
+    return result
+
+
+@torch.no_grad()
+def draw_kernel(device: torch.device, smoke: bool, deadline: float) -> dict[str, Any]:
+    """fused_filter_draw against filter_probs + draw_tokens on (65,536, 4096) float32 logits (d16's last scale
+    at batch 256), for flat (random-weight-like) and peaked logits: agreement, and against the float64
+    reference with ties by index on 512 rows; then launch settings."""
+    from medaug.models import fused_sample as fs
+
+    rows, vocab = (65536, 4096) if not smoke else (64, 64)
+    generator = torch.Generator(device=device).manual_seed(6)
+    uniform = torch.rand(1, rows, generator=generator, device=device)
+    top_k, top_p = SETTINGS["top_k"] if not smoke else 20, SETTINGS["top_p"]
+    result: dict[str, Any] = {"rows": rows, "vocab": vocab}
+    for spread in (0.05, 2.0):
+        logits = torch.randn(rows, vocab, generator=generator, device=device) * spread
+        fused = fs.fused_filter_draw(logits.view(1, rows, vocab), uniform, 0, top_k, top_p)
+        torch_tokens = fs.draw_reference(logits, uniform[0], top_k, top_p)
+        few = 512 if not smoke else rows
+        exact = torch.from_numpy(fs.draw_exact(logits[:few].double().cpu().numpy(), uniform[0, :few].double().cpu().numpy(),
+                                               top_k, top_p)).to(device)
+        rounded = logits.to(torch.bfloat16).float()  # many exact ties
+        tied = fs.fused_filter_draw(rounded.view(1, rows, vocab), uniform, 0, top_k, top_p)
+        tied_exact = torch.from_numpy(fs.draw_exact(rounded[:few].cpu().numpy(), uniform[0, :few].cpu().numpy(), top_k,
+                                                    top_p)).to(device)
+        row = {"agreement_vs_torch": (fused == torch_tokens).float().mean().item(),
+               "agreement_vs_float64_first_rows": (fused[:few] == exact).float().mean().item(),
+               "torch_vs_float64_first_rows": (torch_tokens[:few] == exact).float().mean().item(),
+               "bf16_ties_agreement_vs_float64": (tied[:few] == tied_exact).float().mean().item()}
+        for name, function in (("fused", lambda: fs.fused_filter_draw(logits.view(1, rows, vocab), uniform, 0, top_k,
+                                                                       top_p)),
+                               ("torch", lambda: fs.draw_reference(logits, uniform[0], top_k, top_p))):
+            function()
+            sync(device)
+            row[name + "_ms"] = round(1000 * timed(function, device, 10 if not smoke else 1), 3)
+        result[f"spread_{spread}"] = row
+    result["sweep"] = _sweep(fs, ("DRAW_WARPS",), [(4,), (8,), (16,)],
+                             lambda: fs.fused_filter_draw(logits.view(1, rows, vocab), uniform, 0, top_k, top_p),
+                             device, smoke, deadline)
+    return result
+
+
+@torch.no_grad()
+def sampler_fused_kernels(device: torch.device, smoke: bool, deadline: float) -> dict[str, Any]:
+    """d16 tokens at batch 256 (CUDA graphs as shipped) with the sampler's Triton kernels on and off, three
+    round-robin rounds; how many tokens the two draw alike; the kernel profile with them on."""
+    var, vqvae = build_models("d16", device, smoke)
+    batch = 256 if not smoke else 4
+    samplers = {"fused_kernels": FastSampler(var, vqvae.quantizer, fused_kernels=True),
+                "torch_kernels": FastSampler(var, vqvae.quantizer, convert_in_place=True, fused_kernels=False)}
+    condition, seeds = conditions(batch, device, seed=batch), list(range(batch))
+    result: dict[str, Any] = {"batch": batch}
+    tokens = {}
+    for name, sampler in samplers.items():
+        start = time.perf_counter()
+        tokens[name] = run_fast(sampler, None, vqvae.quantizer, condition, seeds)
+        sync(device)
+        result[name + "_first_call_s"] = round(time.perf_counter() - start, 1)
+    first, second = tokens.values()
+    result["token_agreement"] = token_agreement(vqvae.quantizer, first, second)
+    result["first_scale_agreement"] = (first[0] == second[0]).float().mean().item()
+    rounds: dict[str, list[float]] = {name: [] for name in samplers}
+    for _ in range(3):
+        for name, sampler in samplers.items():
+            seconds = timed(lambda s=sampler: run_fast(s, None, vqvae.quantizer, condition, seeds), device, 3)
+            rounds[name].append(round(batch / seconds, 1))
+    result["tokens_images_per_s_rounds"] = rounds
+    result["tokens_images_per_s_median"] = {name: statistics.median(v) for name, v in rounds.items()}
+    sampler = samplers["fused_kernels"]
+    limit, sampler.graph_max_batch = sampler.graph_max_batch, batch - 1
+    result["profile_no_graph"] = profile_top(lambda: run_fast(sampler, None, vqvae.quantizer, condition, seeds),
+                                             device, top=25)
+    sampler.graph_max_batch = limit
+    return result
+
+
+def part_q(report: Report, device: torch.device, smoke: bool, deadline: float) -> None:
+    """The sampler's Triton kernels (medaug.models.fused_sample): each alone against what it replaces, with
+    checks and launch-setting sweeps, then d16 tokens at batch 256 with them on and off."""
+    guarded(report, "qkv_kernel", lambda: qkv_kernel(device, smoke, deadline))
+    guarded(report, "draw_kernel", lambda: draw_kernel(device, smoke, deadline))
+    if left(deadline) > 60:
+        guarded(report, "sampler_fused_kernels", lambda: sampler_fused_kernels(device, smoke, deadline))
+
+
 @torch.no_grad()
 def part_k(report: Report, device: torch.device, smoke: bool, deadline: float) -> None:
     """The fused decoder's kernels alone on one 256² level activation of 256 images (B, 160, 256, 256) bf16
@@ -921,10 +1072,11 @@ def part_p(report: Report, device: torch.device, smoke: bool, deadline: float) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=("a", "b", "s", "p", "f", "d", "g", "k"), required=True, help="a: d16, b: d30, "
+    parser.add_argument("--part", choices=("a", "b", "s", "p", "f", "d", "g", "k", "q"), required=True,
+                        help="a: d16, b: d30, "
                         "s: streamed d16 and the max-autotune decoder, p: kernel profiles of d16 tokens and the decoder, "
                         "f: the shipped defaults, d16 then d30 (part_f), d: decoder by batch size, then d16 and d30 "
-                        "(part_d), g: decoder variants in three rounds each (part_g), k: the fused decoder's kernels (part_k)")
+                        "(part_d), g: decoder variants in three rounds each (part_g), k: the fused decoder's kernels (part_k), q: the sampler's kernels (part_q)")
     parser.add_argument("--smoke", action="store_true", help="tiny models (checks the script on the CPU)")
     parser.add_argument("--deadline-s", type=float, default=480.0, help="skip what would not finish by then")
     parser.add_argument("--json-out", type=Path, default=None)
@@ -943,7 +1095,7 @@ def main() -> None:
                     commit=os.environ.get("MEDAUG_COMMIT") or common.commit()["commit"])
     report.put("cudnn_benchmark_limit", torch.backends.cudnn.benchmark_limit)
     {"a": part_a, "b": part_b, "s": part_s, "p": part_p, "f": part_f, "d": part_d,
-     "g": part_g, "k": part_k}[args.part](report, device, args.smoke, args.deadline_s)
+     "g": part_g, "k": part_k, "q": part_q}[args.part](report, device, args.smoke, args.deadline_s)
     report.put("wall_s", round(time.perf_counter() - START, 1))
 
 
