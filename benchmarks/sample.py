@@ -925,7 +925,8 @@ def draw_kernel(device: torch.device, smoke: bool, deadline: float) -> dict[str,
             sync(device)
             row[name + "_ms"] = round(1000 * timed(function, device, 10 if not smoke else 1), 3)
         result[f"spread_{spread}"] = row
-    result["sweep"] = _sweep(fs, ("DRAW_WARPS",), [(4,), (8,), (16,)],
+    variants = [(True, True, 8), (True, True, 4), (True, True, 16), (False, True, 8), (True, False, 8), (False, False, 8)]
+    result["sweep"] = _sweep(fs, ("RADIX_TOP_K", "COMPACT", "DRAW_WARPS"), variants if not smoke else variants[:2],
                              lambda: fs.fused_filter_draw(logits.view(1, rows, vocab), uniform, 0, top_k, top_p),
                              device, smoke, deadline)
     return result
@@ -958,6 +959,14 @@ def sampler_fused_kernels(device: torch.device, smoke: bool, deadline: float) ->
     result["tokens_images_per_s_rounds"] = rounds
     result["tokens_images_per_s_median"] = {name: statistics.median(v) for name, v in rounds.items()}
     sampler = samplers["fused_kernels"]
+    decoder, one = FastDecoder(vqvae), conditions(1, device, seed=1)
+    indices = run_fast(sampler, None, vqvae.quantizer, one, [1])
+    parts = {"tokens": lambda: run_fast(sampler, None, vqvae.quantizer, one, [1]),
+             "decode": lambda: decoder.indices_to_img(vqvae.quantizer, indices, one[2]),
+             "tokens_and_decode": lambda: run_fast(sampler, decoder, vqvae.quantizer, one, [1])}
+    for function in parts.values():
+        function()
+    result["one_image_ms"] = {name: round(1000 * timed(function, device, 20), 2) for name, function in parts.items()}
     limit, sampler.graph_max_batch = sampler.graph_max_batch, batch - 1
     result["profile_no_graph"] = profile_top(lambda: run_fast(sampler, None, vqvae.quantizer, condition, seeds),
                                              device, top=25)

@@ -34,6 +34,10 @@ QKV_ROWS = 32
 QKV_WARPS = 4
 DRAW_WARPS = 8
 """Warps per row of :func:`fused_filter_draw` (4,096 logits: 16 per thread)."""
+RADIX_TOP_K = True
+"""Find the k-th largest logit by radix select (four histogram rounds) rather than a 32-step bitwise search."""
+COMPACT = True
+"""Move the top-k lanes into next_power_of_2(k) lanes before the mass searches (when that is at most half)."""
 
 _INT32_MIN = -(2**31)
 
@@ -118,31 +122,92 @@ if triton is not None:
         return best.to(tl.int32)
 
     @triton.jit
-    def _filter_draw_kernel(logits_ptr, uniform_ptr, out_ptr, vocab, length, logits_row_stride, uniform_row_stride,
-                            uniform_start, top_k, top_p, temperature,
-                            TOP_K: tl.constexpr, TOP_P: tl.constexpr, BLOCK_V: tl.constexpr):
+    def _kth_key_radix(key, valid, wanted):
+        """The k-th largest key (k = ``wanted``, counted over ``valid`` lanes) by radix select: four rounds
+        of an 8-bit-digit histogram of the lanes that share the digits found so far."""
+        bins = tl.arange(0, 256)
+        kth = tl.full([], 0, tl.int32)
+        remaining = wanted
+        for r in tl.static_range(4):
+            shift: tl.constexpr = 24 - 8 * r
+            if r == 0:
+                match = valid
+                digit = (key >> 24) + 128  # the signed top byte, shifted to 0..255 (order kept)
+            else:
+                match = valid & ((key >> (shift + 8)) == (kth >> (shift + 8)))
+                digit = (key >> shift) & 0xFF
+            counts = tl.histogram(tl.where(match, digit, 0), 256)  # unmatched lanes land in bin 0 ...
+            unmatched = tl.sum(tl.where(match, 0, 1), axis=0)
+            counts = counts - tl.where(bins == 0, unmatched, 0)  # ... and leave it again
+            at_least = tl.sum(counts, axis=0) - tl.cumsum(counts, axis=0) + counts  # lanes with digit >= bin
+            chosen = tl.max(tl.where(at_least >= remaining, bins, 0), axis=0)
+            remaining = remaining - tl.sum(tl.where(bins > chosen, counts, 0), axis=0)
+            if r == 0:
+                kth = (chosen - 128) << 24
+            else:
+                kth = kth | (chosen << shift)
+        return kth
+
+    @triton.jit
+    def _top_k_keep(key, valid, top_k, RADIX: tl.constexpr):
+        """Lanes of the top k: keys above the k-th largest, and of the keys equal to it the lowest lanes."""
+        if RADIX:
+            kth = _kth_key_radix(key, valid, top_k)
+        else:
+            kth = _max_key(key, tl.where(valid, 1.0, 0.0), top_k * 1.0, False)
+        above = tl.sum(tl.where(valid & (key > kth), 1, 0), axis=0)
+        tied = valid & (key == kth)
+        tie_rank = tl.cumsum(tied.to(tl.int32), axis=0)  # 1-based among the tied lanes
+        return valid & ((key > kth) | (tied & (tie_rank <= top_k - above)))
+
+    @triton.jit
+    def _filter_draw_kernel(logits_ptr, uniform_ptr, out_ptr, scratch_x_ptr, scratch_i_ptr, vocab, length,
+                            logits_row_stride, uniform_row_stride, uniform_start, top_k, top_p, temperature,
+                            TOP_K: tl.constexpr, TOP_P: tl.constexpr, RADIX: tl.constexpr, BLOCK_V: tl.constexpr,
+                            COMPACT: tl.constexpr):
         """Program n: row n of the logits (sample b, position j = divmod(n, length)); its uniform is
-        uniform[b, uniform_start + j]."""
+        uniform[b, uniform_start + j]. With COMPACT (> 0), the top-k lanes are moved, in vocabulary order,
+        into COMPACT lanes (through a scratch row) before the mass searches."""
         n = tl.program_id(0)
         lane = tl.arange(0, BLOCK_V)
         valid = lane < vocab
         x = tl.load(logits_ptr + n.to(tl.int64) * logits_row_stride + lane, mask=valid, other=0.0).to(tl.float32)
         x = x / temperature
         bits = x.to(tl.int32, bitcast=True)
-        key = tl.where(valid, bits ^ ((bits >> 31) & 0x7FFFFFFF), -2147483648)  # orders as the floats
+        key = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # orders as the floats
         keep = valid
-        if TOP_K:  # the k-th largest key; of the keys equal to it, the lowest indices fill the k
-            ones = tl.where(valid, 1.0, 0.0)
-            wanted = top_k * 1.0  # (an argument of 1 arrives as a constant)
-            kth = _max_key(key, ones, wanted, False)
-            above = tl.sum(tl.where(key > kth, 1.0, 0.0), axis=0)
-            tied = key == kth
-            tie_rank = tl.cumsum(tied.to(tl.int32), axis=0)  # 1-based among the tied lanes
-            keep = (key > kth) | (tied & (tie_rank.to(tl.float32) <= wanted - above))
+        if TOP_K:
+            keep = _top_k_keep(key, valid, top_k, RADIX)
+        if COMPACT > 0:  # the kept lanes, in vocabulary order, into the first top_k of COMPACT lanes
+            position = tl.cumsum(keep.to(tl.int32), axis=0) - 1
+            row = n.to(tl.int64) * COMPACT
+            tl.store(scratch_x_ptr + row + position, x, mask=keep)
+            tl.store(scratch_i_ptr + row + position, lane, mask=keep)
+            tl.debug_barrier()
+            slot = tl.arange(0, COMPACT)
+            keep_c = slot < top_k
+            x_c = tl.load(scratch_x_ptr + row + slot, mask=keep_c, other=0.0)
+            vocab_c = tl.load(scratch_i_ptr + row + slot, mask=keep_c, other=0)
+            bits_c = x_c.to(tl.int32, bitcast=True)
+            key_c = bits_c ^ ((bits_c >> 31) & 0x7FFFFFFF)
+            chosen = _draw_lane(x_c, key_c, keep_c, uniform_ptr, n, length, uniform_row_stride, uniform_start,
+                                top_p, TOP_P, COMPACT)
+            token = tl.sum(tl.where(slot == chosen, vocab_c, 0), axis=0)
+        else:
+            token = _draw_lane(x, key, keep, uniform_ptr, n, length, uniform_row_stride, uniform_start, top_p,
+                               TOP_P, BLOCK_V)
+        tl.store(out_ptr + n, token.to(tl.int64))
+
+    @triton.jit
+    def _draw_lane(x, key, keep, uniform_ptr, n, length, uniform_row_stride, uniform_start, top_p,
+                   TOP_P: tl.constexpr, LANES: tl.constexpr):
+        """Softmax over the ``keep`` lanes, top-p, and the lane the row's uniform draws (lanes in vocabulary
+        order: ties at a cut go to the lower lane, as in :func:`draw_exact`)."""
+        lane = tl.arange(0, LANES)
         peak = tl.max(tl.where(keep, x, float("-inf")), axis=0)
         e = tl.where(keep, tl.exp(x - peak), 0.0)
         p = e / tl.sum(e, axis=0)
-        if TOP_P:  # entries whose mass before (higher keys, then lower indices among equal ones) is < top_p
+        if TOP_P:  # entries whose mass before (higher keys, then lower lanes among equal ones) is < top_p
             cut = _max_key(key, p, top_p, False)
             before = tl.sum(tl.where(key > cut, p, 0.0), axis=0)
             tied = keep & (key == cut)
@@ -154,20 +219,19 @@ if triton is not None:
         b = n // length
         u = tl.load(uniform_ptr + b.to(tl.int64) * uniform_row_stride + uniform_start + n % length)
         target = u * total
-        # the largest key whose cumulative mass (keys ≥ it) passes the target; none when rounding put the
-        # target at the total: then the last kept entry (smallest key, highest index among equal ones)
-        chosen = _max_key(key, p, target, True)
+        # the largest key whose cumulative mass (keys >= it) passes the target; none when rounding put the
+        # target at the total: then the last kept entry (smallest key, highest lane among equal ones)
+        chosen = _max_key(tl.where(keep, key, -2147483648), p, target, True)
         smallest = tl.min(tl.where(keep, key, 2147483647), axis=0)
         overshoot = chosen == -2147483648
         chosen = tl.where(overshoot, smallest, chosen)
         before = tl.sum(tl.where(key > chosen, p, 0.0), axis=0)
         tied = keep & (key == chosen)
         cumulative = before + tl.cumsum(tl.where(tied, p, 0.0), axis=0)
-        passes = tied & ((cumulative > target) | overshoot)
-        first_pass = tl.min(tl.where(passes, lane, BLOCK_V), axis=0)
+        passes = tied & (cumulative > target)
+        first_pass = tl.min(tl.where(passes, lane, LANES), axis=0)
         last_tied = tl.max(tl.where(tied, lane, -1), axis=0)
-        token = tl.where(overshoot | (first_pass == BLOCK_V), last_tied, first_pass)
-        tl.store(out_ptr + n, token.to(tl.int64))
+        return tl.where(overshoot | (first_pass == LANES), last_tied, first_pass)
 
 
 # ---------------------------------------------------------------- entry points
@@ -208,13 +272,20 @@ def fused_filter_draw(logits_BlV: torch.Tensor, uniform_BL: torch.Tensor, start:
     uniform_BL = uniform_BL.float()
     if uniform_BL.stride(1) != 1:
         uniform_BL = uniform_BL.contiguous()
-    tokens_N = torch.empty(batch * length, dtype=torch.int64, device=logits_BlV.device)
-    if batch * length == 0:
+    rows = batch * length
+    tokens_N = torch.empty(rows, dtype=torch.int64, device=logits_BlV.device)
+    if rows == 0:
         return tokens_N
-    _filter_draw_kernel[(batch * length,)](
-        logits_NV, uniform_BL, tokens_N, vocab, length, logits_NV.stride(0), uniform_BL.stride(0), start,
-        int(top_k), float(top_p), float(temperature),
-        TOP_K=0 < top_k < vocab, TOP_P=top_p < 1.0, BLOCK_V=triton.next_power_of_2(vocab), num_warps=DRAW_WARPS)
+    top_k_on = 0 < top_k < vocab
+    block = triton.next_power_of_2(vocab)
+    compact = max(32, triton.next_power_of_2(top_k)) if top_k_on and COMPACT and 2 * top_k <= block else 0
+    scratch_x = torch.empty((rows, max(compact, 1)), dtype=torch.float32, device=logits_BlV.device)
+    scratch_i = torch.empty((rows, max(compact, 1)), dtype=torch.int32, device=logits_BlV.device)
+    _filter_draw_kernel[(rows,)](
+        logits_NV, uniform_BL, tokens_N, scratch_x, scratch_i, vocab, length, logits_NV.stride(0),
+        uniform_BL.stride(0), start, int(top_k), float(top_p), float(temperature),
+        TOP_K=top_k_on, TOP_P=top_p < 1.0, RADIX=RADIX_TOP_K, BLOCK_V=block, COMPACT=compact,
+        num_warps=DRAW_WARPS)
     return tokens_N
 
 

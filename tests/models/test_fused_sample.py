@@ -90,19 +90,24 @@ def interpreted_results() -> dict[str, object]:
     results["outside_untouched"] = bool(keys[:, [*range(4), 9, 10, 11]].isnan().all()
                                         and values[:, [*range(4), 9, 10, 11]].isnan().all())
     # draw: continuous logits, logits with many ties (multiples of 0.5), a vocabulary that is not a power of two
-    batch, length, vocab = 2, 24, 100
+    batch, length, vocab = 2, 8, 100
     uniform = torch.rand(batch, 30, generator=generator)
     uniform[0, 3:8] = torch.tensor([0.0, 1e-7, 0.5, 0.99999994, 0.999])
     cases = {"continuous": torch.randn(batch, length, vocab, generator=generator) * 2,
              "ties": torch.randint(-4, 4, (batch, length, vocab), generator=generator).float() * 0.5}
     settings = ((900, 0.96, 1.0), (10, 0.7, 1.0), (0, 1.0, 1.0), (1, 0.5, 1.0), (17, 1.0, 0.7), (0, 0.3, 1.3),
                 (99, 0.99, 1.0))
-    for case, logits in cases.items():
-        for top_k, top_p, temperature in settings:
-            tokens = fs.fused_filter_draw(logits, uniform, 3, top_k, top_p, temperature)
-            exact = fs.draw_exact(logits.flatten(0, 1).numpy(), uniform[:, 3:3 + length].flatten().numpy(), top_k,
-                                  top_p, temperature)
-            results[f"draw_{case}_k{top_k}_p{top_p}_t{temperature}"] = float(np.mean(tokens.numpy() == exact))
+    variants = {"radix_compact": (True, True), "bisect_compact": (False, True), "radix_whole_row": (True, False)}
+    defaults = fs.RADIX_TOP_K, fs.COMPACT
+    for variant, (fs.RADIX_TOP_K, fs.COMPACT) in variants.items():
+        for case, logits in cases.items():
+            for top_k, top_p, temperature in settings if variant == "radix_compact" else settings[:3]:
+                tokens = fs.fused_filter_draw(logits, uniform, 3, top_k, top_p, temperature)
+                exact = fs.draw_exact(logits.flatten(0, 1).numpy(), uniform[:, 3:3 + length].flatten().numpy(),
+                                      top_k, top_p, temperature)
+                results[f"draw_{variant}_{case}_k{top_k}_p{top_p}_t{temperature}"] = float(np.mean(tokens.numpy()
+                                                                                                == exact))
+    fs.RADIX_TOP_K, fs.COMPACT = defaults
     # the fast sampler with the kernels: the basic sampler's tokens (float32)
     model, quantizer = _model_and_quantizer(_config(), seed=1)
     condition = _conditions(3, seed=2)
@@ -126,7 +131,7 @@ def test_triton_kernels_compute_their_references_in_the_interpreter():
     assert results.pop("qkv_shape") == [3, 6, 5, 16]
     assert results.pop("q_error") < 1e-5 and results.pop("k_error") < 1e-6
     draws = {name: results.pop(name) for name in list(results) if name.startswith("draw_")}
-    assert len(draws) == 14 and all(share == 1.0 for share in draws.values()), draws
+    assert len(draws) == 14 + 2 * 6 and all(share == 1.0 for share in draws.values()), draws
     assert all(results.values()), results  # v written, outside the slots untouched, sampler tokens equal
 
 
