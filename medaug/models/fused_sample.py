@@ -129,7 +129,7 @@ if triton is not None:
         kth = tl.full([], 0, tl.int32)
         remaining = wanted
         for r in tl.static_range(4):
-            shift: tl.constexpr = 24 - 8 * r
+            shift = 24 - 8 * r
             if r == 0:
                 match = valid
                 digit = (key >> 24) + 128  # the signed top byte, shifted to 0..255 (order kept)
