@@ -892,47 +892,6 @@ def qkv_kernel(device: torch.device, smoke: bool, deadline: float) -> dict[str, 
 
 
 @torch.no_grad()
-def draw_kernel(device: torch.device, smoke: bool, deadline: float) -> dict[str, Any]:
-    """fused_filter_draw against filter_probs + draw_tokens on (65,536, 4096) float32 logits (d16's last scale
-    at batch 256), for flat (random-weight-like) and peaked logits: agreement, and against the float64
-    reference with ties by index on 512 rows; then launch settings."""
-    from medaug.models import fused_sample as fs
-
-    rows, vocab = (65536, 4096) if not smoke else (64, 64)
-    generator = torch.Generator(device=device).manual_seed(6)
-    uniform = torch.rand(1, rows, generator=generator, device=device)
-    top_k, top_p = SETTINGS["top_k"] if not smoke else 20, SETTINGS["top_p"]
-    result: dict[str, Any] = {"rows": rows, "vocab": vocab}
-    for spread in (0.05, 2.0):
-        logits = torch.randn(rows, vocab, generator=generator, device=device) * spread
-        fused = fs.fused_filter_draw(logits.view(1, rows, vocab), uniform, 0, top_k, top_p)
-        torch_tokens = fs.draw_reference(logits, uniform[0], top_k, top_p)
-        few = 512 if not smoke else rows
-        exact = torch.from_numpy(fs.draw_exact(logits[:few].double().cpu().numpy(), uniform[0, :few].double().cpu().numpy(),
-                                               top_k, top_p)).to(device)
-        rounded = logits.to(torch.bfloat16).float()  # many exact ties
-        tied = fs.fused_filter_draw(rounded.view(1, rows, vocab), uniform, 0, top_k, top_p)
-        tied_exact = torch.from_numpy(fs.draw_exact(rounded[:few].cpu().numpy(), uniform[0, :few].cpu().numpy(), top_k,
-                                                    top_p)).to(device)
-        row = {"agreement_vs_torch": (fused == torch_tokens).float().mean().item(),
-               "agreement_vs_float64_first_rows": (fused[:few] == exact).float().mean().item(),
-               "torch_vs_float64_first_rows": (torch_tokens[:few] == exact).float().mean().item(),
-               "bf16_ties_agreement_vs_float64": (tied[:few] == tied_exact).float().mean().item()}
-        for name, function in (("fused", lambda: fs.fused_filter_draw(logits.view(1, rows, vocab), uniform, 0, top_k,
-                                                                       top_p)),
-                               ("torch", lambda: fs.draw_reference(logits, uniform[0], top_k, top_p))):
-            function()
-            sync(device)
-            row[name + "_ms"] = round(1000 * timed(function, device, 10 if not smoke else 1), 3)
-        result[f"spread_{spread}"] = row
-    variants = [(True, True, 8), (True, True, 4), (True, True, 16), (False, True, 8), (True, False, 8), (False, False, 8)]
-    result["sweep"] = _sweep(fs, ("RADIX_TOP_K", "COMPACT", "DRAW_WARPS"), variants if not smoke else variants[:2],
-                             lambda: fs.fused_filter_draw(logits.view(1, rows, vocab), uniform, 0, top_k, top_p),
-                             device, smoke, deadline)
-    return result
-
-
-@torch.no_grad()
 def sampler_fused_kernels(device: torch.device, smoke: bool, deadline: float) -> dict[str, Any]:
     """d16 tokens at batch 256 (CUDA graphs as shipped) with the sampler's Triton kernels on and off, three
     round-robin rounds; how many tokens the two draw alike; the kernel profile with them on."""
@@ -975,10 +934,10 @@ def sampler_fused_kernels(device: torch.device, smoke: bool, deadline: float) ->
 
 
 def part_q(report: Report, device: torch.device, smoke: bool, deadline: float) -> None:
-    """The sampler's Triton kernels (medaug.models.fused_sample): each alone against what it replaces, with
-    checks and launch-setting sweeps, then d16 tokens at batch 256 with them on and off."""
+    """The sampler's Triton kernel (medaug.models.fused_sample) alone against the compiled function it
+    replaces, with checks and a launch-setting sweep, then d16 tokens at batch 256 with it on and off and one
+    image's time by part."""
     guarded(report, "qkv_kernel", lambda: qkv_kernel(device, smoke, deadline))
-    guarded(report, "draw_kernel", lambda: draw_kernel(device, smoke, deadline))
     if left(deadline) > 60:
         guarded(report, "sampler_fused_kernels", lambda: sampler_fused_kernels(device, smoke, deadline))
 

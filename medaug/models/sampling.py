@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from medaug.models.fused_decode import fused_default
-from medaug.models.fused_sample import fused_filter_draw, fused_qkv
+from medaug.models.fused_sample import fused_qkv
 from medaug.models.quant import MultiScaleQuantizer
 from medaug.models.var import _MAX_LOG_ATTN_SCALE, VAR, AdaLNBlock, VARConfig
 from medaug.models.vqvae import VQVAE, CodeUpsampler
@@ -487,10 +487,9 @@ class FastSampler:
     * On CUDA the codes' bicubic upsampling runs as an exact linear map (:class:`CodeUpsampler`), not
       PyTorch's bicubic kernel (6 ms per scale at batch 256); on the CPU the quantizer's own path runs.
     * ``fused_kernels`` (default: where the fused decoder is, :func:`~medaug.models.fused_decode.fused_default`):
-      the q/k normalisation with its cache writes, and top-k + top-p + the draw, run as the Triton kernels of
+      the q/k normalisation with its cache writes runs as the Triton kernel of
       :mod:`medaug.models.fused_sample` (the same computation up to float rounding; on the CPU or without
-      Triton their torch references run). On the H200 at batch 256 they took ~25 of the ~60 ms that
-      inductor's qkv kernels and ``torch.topk`` + scans did.
+      Triton the torch function runs): d16 at batch 256 on the H200, 16.7 ms against inductor's 40.5.
     * Filtering and drawing have no host synchronisation; batches larger than what fits in free
       memory (:func:`sample_memory_bytes`, ``memory_fraction``) are split into chunks. Each row's tokens
       depend only on its own generator and condition, so chunking does not change results on the CPU
@@ -724,10 +723,6 @@ class FastSampler:
     def _draw(self, k: int, logits_BlV: torch.Tensor, uniform_BL: torch.Tensor, settings: SamplerSettings
               ) -> torch.Tensor:
         batch, start, side = logits_BlV.shape[0], self.config.scale_starts[k], self.config.patch_sides[k]
-        if self.fused_kernels:
-            tokens_N = fused_filter_draw(logits_BlV, uniform_BL, start, settings.top_k, settings.top_p,
-                                         settings.temperature)
-            return tokens_N.view(batch, side, side)
         probs_NM, index_NM = filter_probs(logits_BlV.flatten(0, 1), settings.top_k, settings.top_p,
                                           settings.temperature)
         uniform_N = uniform_BL[:, start:start + side * side].flatten()
