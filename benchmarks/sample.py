@@ -933,6 +933,67 @@ def sampler_fused_kernels(device: torch.device, smoke: bool, deadline: float) ->
     return result
 
 
+@torch.no_grad()
+def part_c(report: Report, device: torch.device, smoke: bool, deadline: float) -> None:
+    """Each convolution of the fused decode path at batch 256, timed alone on its real shapes (cuDNN benchmark
+    on, as shipped): ms and TFLOP/s per call, to find the ones far under the rate of the rest; then the output
+    convolution with its output channels zero-padded to 24..64."""
+    from medaug.models import fused_decode as fd
+
+    _, vqvae = build_models("d16", device, smoke)
+    decoder = FastDecoder(vqvae)
+    batch = 256 if not smoke else 4
+    f_hat = random_features(vqvae, batch, device)
+    calls: list[tuple[str, tuple, torch.Tensor, dict]] = []
+    conv2d, conv_transpose2d = fd.F.conv2d, fd.F.conv_transpose2d
+
+    def record(kind, function):
+        def wrapped(x, weight, bias=None, *args, **kwargs):
+            calls.append((kind, tuple(x.shape), weight, dict(args=args, kwargs=kwargs, bias=bias)))
+            return function(x, weight, bias, *args, **kwargs)
+        return wrapped
+
+    fd.F.conv2d, fd.F.conv_transpose2d = record("conv", conv2d), record("transposed", conv_transpose2d)
+    try:
+        decoder.decode(f_hat)
+    finally:
+        fd.F.conv2d, fd.F.conv_transpose2d = conv2d, conv_transpose2d
+    rows, seen = [], {}
+    for kind, shape, weight, options in calls:
+        key = (kind, shape, tuple(weight.shape))
+        if key in seen:
+            seen[key]["calls"] += 1
+            continue
+        x = torch.randn(shape, device=device, dtype=weight.dtype).contiguous(memory_format=torch.channels_last)
+        function = conv2d if kind == "conv" else conv_transpose2d
+        run = lambda f=function, x=x, w=weight, o=options: f(x, w, o["bias"], *o["args"], **o["kwargs"])  # noqa: E731
+        out = run()
+        sync(device)
+        seconds = timed(run, device, 5 if not smoke else 1)
+        taps = weight.shape[2] * weight.shape[3] if kind == "conv" else weight.shape[2] * weight.shape[3] / 4
+        in_channels = weight.shape[1] if kind == "conv" else weight.shape[0]
+        flops = 2 * out.numel() * in_channels * taps
+        seen[key] = {"kind": kind, "input": list(shape), "weight": list(weight.shape), "calls": 1,
+                     "ms": round(1000 * seconds, 3), "tflop_per_s": round(flops / seconds / 1e12, 1)}
+        rows.append(seen[key])
+        del x, out
+    report.put("convolutions", rows)
+    last = max((row for row in rows if row["kind"] == "conv"), key=lambda row: row["input"][2] * (1000 - row["weight"][0]))
+    padded = {}
+    x = torch.randn(last["input"], device=device, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    out_channels, in_channels = last["weight"][:2]
+    for channels in sorted({out_channels, 24, 32, 48, 64}):
+        if channels < out_channels:
+            continue
+        weight = torch.randn(channels, in_channels, 3, 3, device=device, dtype=torch.bfloat16)
+        weight = weight.contiguous(memory_format=torch.channels_last)
+        run = lambda w=weight: conv2d(x, w, None, 1, 1)  # noqa: E731
+        run()
+        sync(device)
+        padded[str(channels)] = round(1000 * timed(run, device, 5 if not smoke else 1), 3)
+    report.put("output_conv_padded_ms", {"input": last["input"], "out_channels": out_channels, "ms": padded})
+
+
 def part_q(report: Report, device: torch.device, smoke: bool, deadline: float) -> None:
     """The sampler's Triton kernel (medaug.models.fused_sample) alone against the compiled function it
     replaces, with checks and a launch-setting sweep, then d16 tokens at batch 256 with it on and off and one
@@ -1040,11 +1101,11 @@ def part_p(report: Report, device: torch.device, smoke: bool, deadline: float) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=("a", "b", "s", "p", "f", "d", "g", "k", "q"), required=True,
+    parser.add_argument("--part", choices=("a", "b", "s", "p", "f", "d", "g", "k", "q", "c"), required=True,
                         help="a: d16, b: d30, "
                         "s: streamed d16 and the max-autotune decoder, p: kernel profiles of d16 tokens and the decoder, "
                         "f: the shipped defaults, d16 then d30 (part_f), d: decoder by batch size, then d16 and d30 "
-                        "(part_d), g: decoder variants in three rounds each (part_g), k: the fused decoder's kernels (part_k), q: the sampler's kernels (part_q)")
+                        "(part_d), g: decoder variants in three rounds each (part_g), k: the fused decoder's kernels (part_k), q: the sampler's kernels (part_q), c: the decoder's convolutions one by one (part_c)")
     parser.add_argument("--smoke", action="store_true", help="tiny models (checks the script on the CPU)")
     parser.add_argument("--deadline-s", type=float, default=480.0, help="skip what would not finish by then")
     parser.add_argument("--json-out", type=Path, default=None)
@@ -1063,7 +1124,7 @@ def main() -> None:
                     commit=os.environ.get("MEDAUG_COMMIT") or common.commit()["commit"])
     report.put("cudnn_benchmark_limit", torch.backends.cudnn.benchmark_limit)
     {"a": part_a, "b": part_b, "s": part_s, "p": part_p, "f": part_f, "d": part_d,
-     "g": part_g, "k": part_k, "q": part_q}[args.part](report, device, args.smoke, args.deadline_s)
+     "g": part_g, "k": part_k, "q": part_q, "c": part_c}[args.part](report, device, args.smoke, args.deadline_s)
     report.put("wall_s", round(time.perf_counter() - START, 1))
 
 
