@@ -59,6 +59,10 @@ ADD_MOMENTS = KernelSettings(block_pixels=128, warps=4, stages=1)
 """:func:`channel_moments` that writes its sum (the residual add)."""
 SCALE_SHIFT = KernelSettings(block_pixels=256, warps=8, stages=1)
 """:func:`scale_shift_act`."""
+OUT_CHANNEL_MULTIPLE = 32
+"""The decoder's output conv runs with zero-padded output channels up to a multiple of this: at (256, 160,
+256, 256) bf16 on the H200, 160 → 23 channels took 8.62 ms, padded to 24 7.58, to 32 5.69, to 48 5.58, to
+64 5.75 (cuDNN's tiles are 64 or more channels wide; ``benchmarks/sample.py --part c``, session 9)."""
 FUSED_PROGRAMS = 65_536
 """Programs a launch aims at (channel blocks × images × splits of the pixels): many short programs keep the
 last wave small (16,384 ran the kernels 12-24 % slower)."""
@@ -395,6 +399,14 @@ class FusedDecodePath(nn.Module):
         super().__init__()
         self.post_quant_conv = post_quant_conv
         self.decoder = decoder
+        last = decoder[-1] if len(decoder) else None
+        self.out_weight = None  # the output conv's weight with zero rows up to a multiple of 32 output channels
+        if isinstance(last, nn.Conv2d) and last.groups == 1 and last.out_channels % OUT_CHANNEL_MULTIPLE:
+            padded = -(-last.out_channels // OUT_CHANNEL_MULTIPLE) * OUT_CHANNEL_MULTIPLE
+            weight = last.weight.detach()
+            self.out_weight = nn.Parameter(torch.cat((weight, weight.new_zeros(padded - last.out_channels,
+                                                                                 *weight.shape[1:]))),
+                                           requires_grad=False)
 
     def forward(self, f_hat_BCHW: torch.Tensor) -> torch.Tensor:
         x = _conv(self.post_quant_conv, f_hat_BCHW.contiguous(memory_format=torch.channels_last))
@@ -403,7 +415,10 @@ class FusedDecodePath(nn.Module):
         while i < len(layers):
             layer = layers[i]
             fuse_silu = isinstance(layer, nn.GroupNorm) and i + 1 < len(layers) and isinstance(layers[i + 1], nn.SiLU)
-            x = self._layer(layer, x, fuse_silu)
+            if i == len(layers) - 1 and self.out_weight is not None:
+                x = self._output_conv(layer, x)
+            else:
+                x = self._layer(layer, x, fuse_silu)
             i += 2 if fuse_silu else 1
         if x.bias is None:
             return x.stored
@@ -429,6 +444,13 @@ class FusedDecodePath(nn.Module):
             upsampled_BCHW = F.interpolate(x.materialized(), scale_factor=2.0, mode="nearest")
             return _conv(layer.conv, upsampled_BCHW.contiguous(memory_format=torch.channels_last))
         raise TypeError(f"FusedDecodePath: no fused form of {type(layer).__name__}")
+
+    def _output_conv(self, conv: nn.Conv2d, x: _Activation) -> _Activation:
+        """The last conv through its zero-padded weight, its real channels kept as a view (the bias add
+        that follows writes them out)."""
+        weight = self.out_weight.to(memory_format=torch.channels_last)
+        out_BCHW = F.conv2d(x.materialized(), weight, None, conv.stride, conv.padding, conv.dilation)
+        return _Activation(out_BCHW.contiguous(memory_format=torch.channels_last)[:, :conv.out_channels], _bias(conv))
 
     @staticmethod
     def _resnet_block(block: nn.Module, x: _Activation) -> _Activation:
@@ -463,6 +485,7 @@ __all__ = [
     "FusedDecodePath",
     "KernelSettings",
     "MOMENTS",
+    "OUT_CHANNEL_MULTIPLE",
     "SCALE_SHIFT",
     "block_channels",
     "fused_default",
