@@ -785,8 +785,7 @@ def part_g(report: Report, device: torch.device, smoke: bool, deadline: float) -
     result: dict[str, Any] = {"batch": batch, "flops_per_image": flops}
     options = {"eager_bf16_nchw": dict(compile=False, fused_norm=False),
                "compiled_channel_stats": dict(fused_norm=False),
-               "compiled_session6": dict(gemm_attention=False, fused_norm=False), "fused_norm": {},
-               "fused_norm_unpadded_output": {}}
+               "compiled_session6": dict(gemm_attention=False, fused_norm=False), "fused_norm": {}}
     unknown = (VARIANTS or set()) - set(options)
     if unknown:
         raise SystemExit(f"--variants: unknown {sorted(unknown)}; expected some of {sorted(options)}")
@@ -796,12 +795,7 @@ def part_g(report: Report, device: torch.device, smoke: bool, deadline: float) -
         if left(deadline) < 75:
             result[name] = "skipped: deadline"
             continue
-        from medaug.models import fused_decode as fd
-
-        multiple, fd.OUT_CHANNEL_MULTIPLE = fd.OUT_CHANNEL_MULTIPLE, (1 if name == "fused_norm_unpadded_output"
-                                                                      else fd.OUT_CHANNEL_MULTIPLE)
         decoders[name] = FastDecoder(vqvae, **kwargs)
-        fd.OUT_CHANNEL_MULTIPLE = multiple
         result[name] = time_decode(lambda d=decoders[name]: d.decode(f_hat_BCHW), device, batch, reps, flops)
         result[name]["rounds_images_per_s"] = [result[name]["images_per_s"]]
         report.put("decoder_alone", result)
@@ -1000,39 +994,6 @@ def part_c(report: Report, device: torch.device, smoke: bool, deadline: float) -
     report.put("output_conv_padded_ms", {"input": last["input"], "out_channels": out_channels, "ms": padded})
 
 
-@torch.no_grad()
-def part_o(report: Report, device: torch.device, smoke: bool, deadline: float) -> None:
-    """One d16 image (and chunks of 3 and 8): tokens, and decode with small-chunk CUDA graphs (the default) and
-    without, 20 calls each; the graphed output against the ungraphed one."""
-    var, vqvae = build_models("d16", device, smoke)
-    quantizer = vqvae.quantizer
-    sampler = FastSampler(var, quantizer, convert_in_place=True)
-    graphed, plain = FastDecoder(vqvae), FastDecoder(vqvae, graph_max_batch=0)
-    result: dict[str, Any] = {"graph_max_batch": graphed.graph_max_batch}
-    for batch in (1, 3, 8) if not smoke else (1, 3):
-        condition, seeds = conditions(batch, device, seed=batch), list(range(batch))
-        indices = run_fast(sampler, None, quantizer, condition, seeds)
-        functions = {
-            "tokens": lambda c=condition, s=seeds: run_fast(sampler, None, quantizer, c, s),
-            "decode_graph": lambda c=condition, i=indices: graphed.indices_to_img(quantizer, i, c[2]),
-            "decode_no_graph": lambda c=condition, i=indices: plain.indices_to_img(quantizer, i, c[2]),
-            "tokens_and_decode_graph": lambda c=condition, s=seeds: run_fast(sampler, graphed, quantizer, c, s),
-            "tokens_and_decode_no_graph": lambda c=condition, s=seeds: run_fast(sampler, plain, quantizer, c, s)}
-        row: dict[str, Any] = {}
-        for name, function in functions.items():
-            start = time.perf_counter()
-            function()
-            sync(device)
-            row[name + "_first_s"] = round(time.perf_counter() - start, 2)
-            function()
-            row[name + "_ms"] = round(1000 * timed(function, device, 20 if not smoke else 2), 2)
-        (image_g, label_g), (image_p, label_p) = functions["decode_graph"](), functions["decode_no_graph"]()
-        row["image_max_abs_diff"] = (image_g - image_p).abs().max().item()
-        row["label_agreement"] = (label_g == label_p).float().mean().item()
-        result[f"batch_{batch}"] = row
-        report.put("small_batches", result)
-
-
 def part_q(report: Report, device: torch.device, smoke: bool, deadline: float) -> None:
     """The sampler's Triton kernel (medaug.models.fused_sample) alone against the compiled function it
     replaces, with checks and a launch-setting sweep, then d16 tokens at batch 256 with it on and off and one
@@ -1140,12 +1101,11 @@ def part_p(report: Report, device: torch.device, smoke: bool, deadline: float) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=("a", "b", "s", "p", "f", "d", "g", "k", "q", "c", "o"), required=True,
+    parser.add_argument("--part", choices=("a", "b", "s", "p", "f", "d", "g", "k", "q", "c"), required=True,
                         help="a: d16, b: d30, "
                         "s: streamed d16 and the max-autotune decoder, p: kernel profiles of d16 tokens and the decoder, "
                         "f: the shipped defaults, d16 then d30 (part_f), d: decoder by batch size, then d16 and d30 "
-                        "(part_d), g: decoder variants in three rounds each (part_g), k: the fused decoder's kernels (part_k), q: the sampler's kernels (part_q), c: the decoder's convolutions one by one (part_c), o: one image and small chunks with and "
-                        "without decoder graphs (part_o)")
+                        "(part_d), g: decoder variants in three rounds each (part_g), k: the fused decoder's kernels (part_k), q: the sampler's kernels (part_q), c: the decoder's convolutions one by one (part_c)")
     parser.add_argument("--smoke", action="store_true", help="tiny models (checks the script on the CPU)")
     parser.add_argument("--deadline-s", type=float, default=480.0, help="skip what would not finish by then")
     parser.add_argument("--json-out", type=Path, default=None)
@@ -1164,7 +1124,7 @@ def main() -> None:
                     commit=os.environ.get("MEDAUG_COMMIT") or common.commit()["commit"])
     report.put("cudnn_benchmark_limit", torch.backends.cudnn.benchmark_limit)
     {"a": part_a, "b": part_b, "s": part_s, "p": part_p, "f": part_f, "d": part_d,
-     "g": part_g, "k": part_k, "q": part_q, "c": part_c, "o": part_o}[args.part](report, device, args.smoke, args.deadline_s)
+     "g": part_g, "k": part_k, "q": part_q, "c": part_c}[args.part](report, device, args.smoke, args.deadline_s)
     report.put("wall_s", round(time.perf_counter() - START, 1))
 
 

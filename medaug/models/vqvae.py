@@ -553,12 +553,6 @@ DECODE_BYTES_PER_PIXEL_CHANNEL = 8
 """Peak bytes per pixel × base channel of one decoded image per byte of dtype (measured ≤ 6, with margin)."""
 
 
-GRAPH_MAX_BATCH = 8
-"""Chunks of at most this many images decode as captured CUDA graphs on CUDA (padded to a power of two): a
-small decode is a few hundred short kernels whose launches, not the GPU, set its time (one d16 image's decode
-took 3.6-9.9 ms across H200 hosts, session 9). Each captured size holds its own memory pool."""
-
-
 class FastDecoder:
     """The decode path of a :class:`VQVAE` for inference: :meth:`VQVAE.decode` made fast on CUDA.
 
@@ -609,7 +603,6 @@ class FastDecoder:
         norm_row_bands: int = 1,
         channel_stats_min_batch: int = 32,
         max_chunk: int = 256,
-        graph_max_batch: int | None = None,
     ):
         self.config = vqvae.config
         self.device = vqvae.post_quant_conv.weight.device
@@ -635,8 +628,6 @@ class FastDecoder:
         self._upsampler: CodeUpsampler | None = None
         self._chunk: int | None = None
         self._forward = self._runner(self.path)
-        self.graph_max_batch = (GRAPH_MAX_BATCH if cuda else 0) if graph_max_batch is None else graph_max_batch
-        self._graphs: dict[tuple, tuple[Any, torch.Tensor, torch.Tensor]] = {}
         self._stats_forward = self._runner(self.stats_path) if self.stats_path is not None else None
         if cuda:
             torch.backends.cudnn.benchmark = True
@@ -715,43 +706,7 @@ class FastDecoder:
             x_BCHW = x_BCHW.contiguous(memory_format=torch.channels_last)
         if self.compiled:
             torch._dynamo.maybe_mark_dynamic(x_BCHW, 0)
-        if self.device.type == "cuda" and batch <= self.graph_max_batch and forward is not self.fused_path:
-            return self._replay(forward, x_BCHW)[:batch].clone()
         return forward(x_BCHW)[:batch]
-
-    def graph_rows(self, batch: int) -> int:
-        """Rows a chunk of ``batch`` images runs on: a power of two (at least 2 compiled) up to
-        ``graph_max_batch`` when captured graphs apply, else ``batch`` (2 for one compiled image)."""
-        rows = 2 if self.compiled and batch == 1 else batch
-        if self.device.type == "cuda" and batch <= self.graph_max_batch:
-            return max(rows, 1 << (batch - 1).bit_length())
-        return rows
-
-    def _replay(self, forward: Any, x_BCHW: torch.Tensor) -> torch.Tensor:
-        """``forward(x)`` through a CUDA graph captured on first use for this shape (warmed up on a side stream
-        first: compile and cuDNN's algorithm search run there, not in the capture). The output buffer is the
-        graph's: the caller copies what it keeps."""
-        key = (tuple(x_BCHW.shape), x_BCHW.dtype)
-        if key not in self._graphs:
-            static_BCHW = x_BCHW.clone()
-            stream = torch.cuda.Stream(self.device)
-            stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream):
-                for _ in range(2):
-                    forward(static_BCHW)
-            torch.cuda.current_stream(self.device).wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                out_BCHW = forward(static_BCHW)
-            self._graphs[key] = (graph, static_BCHW, out_BCHW)
-        graph, static_BCHW, out_BCHW = self._graphs[key]
-        static_BCHW.copy_(x_BCHW)
-        graph.replay()
-        return out_BCHW
-
-    def clear_graphs(self) -> None:
-        """Release the captured graphs and their memory pools."""
-        self._graphs.clear()
 
     def _path_for(self, batch: int) -> tuple[Any, int]:
         """The (compiled) decode path for a chunk of ``batch`` images and the rows to run it on: the fused path
@@ -760,7 +715,7 @@ class FastDecoder:
         (a size-1 batch would be specialised: compile once)."""
         if self.fused_path is not None and batch >= self.channel_stats_min_batch:
             return self.fused_path, batch
-        rows = self.graph_rows(batch)
+        rows = 2 if self.compiled and batch == 1 else batch
         if self._stats_forward is not None and batch >= self.channel_stats_min_batch:
             return self._stats_forward, rows
         return self._forward, rows

@@ -71,11 +71,10 @@ fresh process: it pays from ~55,000 images (``benchmarks/results/sample-h200-ses
 decode path (session 8, uncompiled, as fast as the compiled one) decodes chunks of 32 images or more, a
 planned run compiles nothing by default where that path is the default (its last chunk alone would pay the
 minute); an endless stream (``GeneratorDataset``) still compiles the small-chunk path."""
-LEGACY_DECODER = {"compiled": True, "channel_stats_norm": False, "gemm_attention": False, "fused_norm": False,
-                  "graphs": False}
+LEGACY_DECODER = {"compiled": True, "channel_stats_norm": False, "gemm_attention": False, "fused_norm": False}
 """The fast path's decoder in runs whose synthesize.json records none (made before the record existed); a
-record without a key (``gemm_attention``, ``fused_norm``, ``graphs``: runs made before it was recorded) takes
-the key's value here."""
+record without a key (``gemm_attention``, ``fused_norm``: runs made before it was recorded) takes the key's
+value here."""
 
 
 class SynthGenerator:
@@ -252,14 +251,12 @@ class SynthGenerator:
             self._fast_decoder = FastDecoder(self.vqvae, compile=options.get("compiled"),
                                              channel_stats_norm=options.get("channel_stats_norm"),
                                              gemm_attention=options.get("gemm_attention", True),
-                                             fused_norm=options.get("fused_norm", False),
-                                             graph_max_batch=None if options.get("graphs", False) else 0)
+                                             fused_norm=options.get("fused_norm", False))
         return self._fast_sampler, self._fast_decoder
 
     def decoder_record(self) -> dict[str, bool] | None:
         """The fast path's decoder settings on CUDA, {"compiled", "channel_stats_norm", "gemm_attention",
-        "fused_norm", "graphs"} (class docstring; ``graphs``: small chunks decode as CUDA graphs, padded to a
-        power of two); None where they do not apply (the CPU, where the decoder is exact, or
+        "fused_norm"} (class docstring); None where they do not apply (the CPU, where the decoder is exact, or
         the basic path). New runs decode chunks of 32 images or more through the fused (uncompiled) path where it
         is the default (:func:`~medaug.models.fused_decode.fused_default`); ``compiled`` then only concerns
         smaller chunks."""
@@ -270,8 +267,7 @@ class SynthGenerator:
         if self._fast_decoder is not None:
             decoder = self._fast_decoder
             return {"compiled": decoder.compiled, "channel_stats_norm": decoder.channel_stats_norm,
-                    "gemm_attention": decoder.gemm_attention, "fused_norm": decoder.fused_norm,
-                    "graphs": decoder.graph_max_batch > 0}
+                    "gemm_attention": decoder.gemm_attention, "fused_norm": decoder.fused_norm}
         if self._adopted_decoder is not None:
             return dict(self._adopted_decoder)
         fused = fused_default(self.device)
@@ -280,7 +276,7 @@ class SynthGenerator:
             large = self.expected_samples is not None and self.expected_samples >= DECODER_COMPILE_MIN_SAMPLES
             compiled = self.expected_samples is None or (large and not fused)
         return {"compiled": compiled, "channel_stats_norm": compiled and not fused, "gemm_attention": True,
-                "fused_norm": fused, "graphs": True}
+                "fused_norm": fused}
 
     def adopt_decoder(self, record: dict[str, Any] | None) -> None:
         """Decode as a run recorded (:meth:`decoder_record`; None: a run from before the record, which decoded

@@ -402,14 +402,3 @@ def test_graph_buckets_never_capture_past_free_memory(monkeypatch):
     fits["rows"] = 100
     assert sampler._bucket(100, settings) == 256  # 100 rows fit, a 128-row capture does not
     assert sampler._captured_rows(settings) == 256 and sampler._captured_rows(other) == 16
-
-
-def test_small_chunks_run_on_power_of_two_rows_where_graphs_apply():
-    decoder = FastDecoder(_vqvae())
-    assert decoder.graph_max_batch == 0 and decoder.graph_rows(3) == 3  # the CPU: no graphs
-    decoder.device, decoder.graph_max_batch = torch.device("cuda"), 8  # the rule alone: nothing runs
-    assert [decoder.graph_rows(b) for b in (1, 2, 3, 5, 8, 9, 31)] == [1, 2, 4, 8, 8, 9, 31]
-    decoder.compiled = True  # compiled, one image runs on two rows (a size-1 batch would be specialised)
-    assert [decoder.graph_rows(b) for b in (1, 2, 3)] == [2, 2, 4]
-    decoder.graph_max_batch = 0
-    assert [decoder.graph_rows(b) for b in (1, 3)] == [2, 3]

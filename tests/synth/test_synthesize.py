@@ -535,10 +535,8 @@ def test_the_decoder_is_compiled_only_for_runs_where_compiling_pays_and_resumes_
     assert generator.decoder_record() is None
     generator.device = torch.device("cuda")  # the rule alone: nothing runs on it
     # with Triton, chunks of 32 or more run the fused path and "compiled" only concerns smaller ones
-    compiled = {"compiled": True, "channel_stats_norm": not triton, "gemm_attention": True, "fused_norm": triton,
-                "graphs": True}
-    eager = {"compiled": False, "channel_stats_norm": False, "gemm_attention": True, "fused_norm": triton,
-             "graphs": True}
+    compiled = {"compiled": True, "channel_stats_norm": not triton, "gemm_attention": True, "fused_norm": triton}
+    eager = {"compiled": False, "channel_stats_norm": False, "gemm_attention": True, "fused_norm": triton}
     assert generator.decoder_record() == compiled  # a dataset drawing epoch after epoch (GeneratorDataset)
     generator.expected_samples = DECODER_COMPILE_MIN_SAMPLES - 1
     assert generator.decoder_record() == eager
@@ -550,17 +548,14 @@ def test_the_decoder_is_compiled_only_for_runs_where_compiling_pays_and_resumes_
     assert generator.decoder_record() == eager
     generator.adopt_decoder(None)  # a run from before the record: as it decoded then
     assert generator.decoder_record() == LEGACY_DECODER == {"compiled": True, "channel_stats_norm": False,
-                                                            "gemm_attention": False, "fused_norm": False,
-                                                            "graphs": False}
+                                                            "gemm_attention": False, "fused_norm": False}
     generator.adopt_decoder(compiled)
     assert generator.decoder_record() == compiled
     generator.adopt_decoder({"compiled": True, "channel_stats_norm": True})  # recorded before gemm_attention
     assert generator.decoder_record() == {"compiled": True, "channel_stats_norm": True, "gemm_attention": False,
-                                          "fused_norm": False, "graphs": False}
+                                          "fused_norm": False}
     generator.adopt_decoder({"compiled": False, "channel_stats_norm": False, "gemm_attention": True})  # before fused
-    assert generator.decoder_record() == {**eager, "fused_norm": False, "graphs": False}
-    generator.adopt_decoder({**eager, "graphs": False})  # recorded before small chunks decoded as CUDA graphs
-    assert generator.decoder_record() == {**eager, "graphs": False}
+    assert generator.decoder_record() == {**eager, "fused_norm": False}
 
 
 def test_the_fast_path_builds_the_decoder_it_records(tiny_var_run, monkeypatch):
@@ -573,8 +568,7 @@ def test_the_fast_path_builds_the_decoder_it_records(tiny_var_run, monkeypatch):
     monkeypatch.setattr(generator, "_fast_sampler", object())
     generator.adopt_decoder({"compiled": False, "channel_stats_norm": True})  # a record from before gemm_attention
     generator._fast_path()
-    assert built == [{"compile": False, "channel_stats_norm": True, "gemm_attention": False, "fused_norm": False,
-                      "graph_max_batch": 0}]
+    assert built == [{"compile": False, "channel_stats_norm": True, "gemm_attention": False, "fused_norm": False}]
 
 
 def test_a_run_records_its_decoder_settings(tiny_synthesis):
