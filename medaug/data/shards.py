@@ -5,7 +5,8 @@ Layout under the dataset root::
     shards/<volume_id>.image.npy   (N, C, H, W) float16, model space [-1, 1]
     shards/<volume_id>.label.npy   (N, H, W) uint8, 0 background, 255 ignore (absent for image-only sources)
     parts/<volume_id>.parquet      the volume's index rows (``index.py`` schema), written LAST
-    index.parquet                  all parts, sorted by (volume_id, slice_index): :func:`assemble_index`
+    index.parquet                  all parts: :func:`assemble_index` sorts by (volume_id, slice_index); a
+                                   prepared dataset's ``finalize`` re-sorts by content (``prepare.pipeline``)
 
 Why one shard per volume. ``prepare`` handles one volume at a time and must resume after a kill: each
 file is written under a ``.part-<pid>-`` name and renamed, and the parts file is renamed last, so a

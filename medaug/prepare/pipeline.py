@@ -342,7 +342,10 @@ def build_rows(task: VolumeTask, dataset: DatasetRecipe, domain: DomainConfig, r
 
 def finalize(out: Path, recipe: PrepareRecipe, *, recipe_dir: Path | None = None, summary: PrepareSummary | None = None) -> PrepareSummary:
     """Turn the completed parts into ``index.parquet``, ``rejected.parquet``, ``domains.json``,
-    ``vocab.json`` and ``prepare.json``: merge patient groups by fingerprint, assign splits."""
+    ``vocab.json`` and ``prepare.json``: merge patient groups by fingerprint, assign splits.
+
+    The index rows are in :func:`content_order`, so a dataset's row order (and with it the training
+    order drawn from a seed) does not depend on the folder its sources were read from."""
     from medaug import vocab
     from medaug.data.index import index_schema, write_index
     from medaug.data.shards import assemble_index, completed_volume_ids
@@ -351,6 +354,7 @@ def finalize(out: Path, recipe: PrepareRecipe, *, recipe_dir: Path | None = None
     summary = summary or PrepareSummary(out=str(out))
     table = assemble_index(out) if completed_volume_ids(out) else index_schema().empty_table()
     if table.num_rows:
+        table = content_order(table)
         pinned = pinned_groups(table)
         distance = None if recipe.fingerprint_merge else -1  # -1 bits: nothing is near enough to merge
         options = {} if distance is None else {"max_distance": distance, "min_slices": 10**9, "min_fraction": 2.0}
@@ -367,6 +371,25 @@ def finalize(out: Path, recipe: PrepareRecipe, *, recipe_dir: Path | None = None
     if partial.exists():
         partial.unlink()
     return summary
+
+
+def content_order(table):
+    """``table``'s rows sorted by (dataset, subject, domain, source file names, slice_index).
+
+    ``volume_id`` hashes the absolute source paths, so the (volume_id, slice_index) order of
+    :func:`~medaug.data.shards.assemble_index` changes when the same sources are read from another
+    folder; samplers permute row positions, so the training order would change with it. This key uses
+    no directories; ``volume_id`` only breaks the ties left (volumes of one subject whose files share
+    their names)."""
+    import pyarrow as pa
+
+    names = [json.dumps([dataset, subject, domain, [Path(path).name for path in paths]])
+             for dataset, subject, domain, paths in zip(*(table.column(c).to_pylist()
+                                                          for c in ("dataset", "subject", "domain", "source_image")))]
+    key = "__content_key"
+    keyed = table.append_column(key, pa.array(names, pa.string()))
+    ordered = keyed.sort_by([(key, "ascending"), ("slice_index", "ascending"), ("volume_id", "ascending")])
+    return ordered.drop_columns([key]).combine_chunks()
 
 
 def pinned_groups(table) -> dict[str, str]:

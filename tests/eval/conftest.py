@@ -89,7 +89,9 @@ def write_synthetic_folder(out: Path, sources: Sequence[tuple[Path, Sequence[str
         frame = read_index(Path(root) / "index.parquet").to_pandas()
         if slice_ids is not None:
             frame = frame[frame["slice_id"].isin(list(slice_ids))]
-        for shard in sorted(frame["shard"].unique()):
+        # in index row order (content-defined, ``medaug.prepare.pipeline.content_order``), not by shard name:
+        # names hash the source paths, so sorting them would hand each volume other noise in another tmp dir
+        for shard in frame["shard"].unique():
             _copy_shard(Path(root), shard, out, transform, rng)
         frames.append(frame)
     import pandas as pd

@@ -228,6 +228,23 @@ def test_shards_then_merge_equal_one_run(phantom_root, tmp_path):
     pd.testing.assert_frame_equal(comparable(frame_of(tmp_path / "whole")), comparable(frame_of(tmp_path / "merged")))
 
 
+def test_row_order_does_not_depend_on_the_source_folder(phantom_root, tmp_path):
+    """Volume ids hash the source paths; the index's row order (which samplers permute) must not."""
+    import shutil
+
+    frames = []
+    for name in ("here", "somewhere/else"):
+        source = tmp_path / name / "ct_abdomen"
+        shutil.copytree(phantom_root / "ct_abdomen", source)
+        config = recipe_for_sources(REPO / "recipes/datasets/phantom_ct_abdomen.yaml", [str(source)])
+        config = type(config)(sources=config.sources, domains={"ct/abdomen": _domain_config()})
+        run_prepare(config, tmp_path / name / "out")
+        frames.append(frame_of(tmp_path / name / "out"))
+    assert set(frames[0]["volume_id"]).isdisjoint(frames[1]["volume_id"])  # the premise: ids differ
+    by_path = ["slice_id", "volume_id", "shard", "source_image", "source_label"]
+    pd.testing.assert_frame_equal(frames[0].drop(columns=by_path), frames[1].drop(columns=by_path))
+
+
 def test_merge_refuses_different_domains(phantom_root, tmp_path):
     from medaug.config.base import from_dict
     from medaug.config.recipes import DomainConfig
