@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -140,14 +141,6 @@ def test_the_fused_path_is_the_default_only_on_gpus_that_run_it(monkeypatch):
 
 
 # ---------------------------------------------------------------- the Triton kernels, interpreted
-INTERPRETED_CHECK = r"""
-import json, torch
-from medaug.models import fused_decode as fd
-from tests.models.test_fused_decode import interpreted_errors
-print(json.dumps(interpreted_errors()))
-"""
-
-
 def interpreted_errors() -> dict[str, float]:
     """Largest relative error of each kernel against its torch reference (float32 inputs; run with
     TRITON_INTERPRET=1, where the kernels run on CPU tensors). Outputs start poisoned with NaN."""
@@ -192,13 +185,20 @@ def interpreted_errors() -> dict[str, float]:
     return errors
 
 
+def run_interpreted(module: str, function: str) -> Any:
+    """``module.function()`` in a subprocess with TRITON_INTERPRET=1 (Triton reads it when kernels are made, so
+    not in this process); its JSON result."""
+    script = f"import json; from {module} import {function}; print(json.dumps({function}()))"
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.skipif(not fd.triton_available(), reason="Triton is not installed (CI installs it with the test extra)")
 def test_triton_kernels_compute_their_references_in_the_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
-    result = subprocess.run([sys.executable, "-c", INTERPRETED_CHECK], cwd=REPO, env=env, capture_output=True,
-                            text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    errors = json.loads(result.stdout.strip().splitlines()[-1])
+    errors = run_interpreted("tests.models.test_fused_decode", "interpreted_errors")
     assert len(errors) == 3 * 9 + 1
     bad = {name: error for name, error in errors.items() if not error < 1e-5}  # NaN (unwritten) fails too
     assert not bad, bad

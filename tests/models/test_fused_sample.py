@@ -5,11 +5,7 @@ build: the interpreter accepts programs the compiler rejects)."""
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,9 +14,8 @@ from medaug.models import fused_decode as fd
 from medaug.models import fused_sample as fs
 from medaug.models.sampling import FastSampler, generators_from_seeds, sample_tokens
 
+from tests.models.test_fused_decode import run_interpreted
 from tests.models.test_sampling import SIDES, _conditions, _config, _model_and_quantizer
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
@@ -53,13 +48,6 @@ def test_without_kernels_fused_qkv_runs_the_torch_function():
 
 
 # ---------------------------------------------------------------- the Triton kernel, interpreted
-INTERPRETED_CHECK = r"""
-import json
-from tests.models.test_fused_sample import interpreted_results
-print(json.dumps(interpreted_results()))
-"""
-
-
 def interpreted_results() -> dict[str, object]:
     """Run with TRITON_INTERPRET=1 (the kernel on CPU tensors)."""
     assert fd._use_kernels(torch.zeros(1)), "TRITON_INTERPRET=1 and Triton are needed"
@@ -83,11 +71,7 @@ def interpreted_results() -> dict[str, object]:
 
 @pytest.mark.skipif(not fd.triton_available(), reason="Triton is not installed (CI installs it with the test extra)")
 def test_triton_kernel_computes_its_reference_in_the_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
-    result = subprocess.run([sys.executable, "-c", INTERPRETED_CHECK], cwd=REPO, env=env, capture_output=True,
-                            text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    results = json.loads(result.stdout.strip().splitlines()[-1])
+    results = run_interpreted("tests.models.test_fused_sample", "interpreted_results")
     for name in ("qkv_3x5x6x16", "qkv_2x1x4x64"):
         _check_qkv(results.pop(name))
     assert results == {"sampler_cfg1.5_equal": True, "sampler_shapes": True, "sampler_cfg0.0_equal": True}
