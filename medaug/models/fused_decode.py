@@ -388,6 +388,9 @@ def _add_bias(*biases: torch.Tensor | None) -> torch.Tensor | None:
 class FusedDecodePath(nn.Module):
     """post_quant_conv + a :class:`~medaug.models.vqvae.Decoder` run layer by layer with the fused kernels.
 
+    ``out_channel_multiple``: the last conv runs with its output channels zero-padded up to a multiple of it
+    (:data:`OUT_CHANNEL_MULTIPLE`; 1: as it is).
+
     Takes the modules of a decode path (upsamples already folded into
     :class:`~medaug.models.vqvae.FoldedUpsample`, in the weights' dtype, channels-last) and runs the same
     function: GroupNorm (+ SiLU) from :func:`channel_moments`, convolutions through ``F.conv2d`` without
@@ -395,14 +398,15 @@ class FusedDecodePath(nn.Module):
     float32 softmax (as :class:`~medaug.models.vqvae.GemmSelfAttention`).
     """
 
-    def __init__(self, post_quant_conv: nn.Conv2d, decoder: nn.Sequential):
+    def __init__(self, post_quant_conv: nn.Conv2d, decoder: nn.Sequential,
+                 out_channel_multiple: int = OUT_CHANNEL_MULTIPLE):
         super().__init__()
         self.post_quant_conv = post_quant_conv
         self.decoder = decoder
         last = decoder[-1] if len(decoder) else None
-        self.out_weight = None  # the output conv's weight with zero rows up to a multiple of 32 output channels
-        if isinstance(last, nn.Conv2d) and last.groups == 1 and last.out_channels % OUT_CHANNEL_MULTIPLE:
-            padded = -(-last.out_channels // OUT_CHANNEL_MULTIPLE) * OUT_CHANNEL_MULTIPLE
+        self.out_weight = None  # the output conv's weight with zero rows up to a multiple of output channels
+        if isinstance(last, nn.Conv2d) and last.groups == 1 and last.out_channels % out_channel_multiple:
+            padded = -(-last.out_channels // out_channel_multiple) * out_channel_multiple
             weight = last.weight.detach()
             self.out_weight = nn.Parameter(torch.cat((weight, weight.new_zeros(padded - last.out_channels,
                                                                                  *weight.shape[1:]))),

@@ -7,9 +7,10 @@ H200 (session 8's profile; this kernel: 16.7 ms, ``benchmarks/results/sample-h20
 sampler's dynamic row and length sizes and a cache of more than 2³¹ elements, its kernels ran 64-bit index
 arithmetic (divisions by dynamic sizes included) at about a third of the bandwidth (the same function compiled
 for static shapes ran at full speed, 0.51 ms at the last scale against this kernel's 0.46). Here one program
-handles a block of (token, head) rows of D elements, and only the cache row offset is 64-bit.
+handles a block of (token, head) rows of D elements (D a power of two; other head sizes run the torch
+function), with 64-bit row offsets and 32-bit arithmetic within rows.
 
-Tried and dropped (session 9, same file): a sort-free top-k + top-p + draw kernel (bitwise searches over
+Tried and dropped (session 9; see this file's history): a sort-free top-k + top-p + draw kernel (bitwise searches over
 order-preserving integer keys of the logits; variants with radix-select top-k and compaction of the kept
 lanes). It drew the torch path's tokens (99.95 % of rows; the rest within rounding of a cumulative-mass
 boundary) but took 8.8-16.8 ms at (65,536, 4096) against 7.7 ms for ``torch.topk`` + softmax + cumsum +
@@ -77,7 +78,9 @@ def fused_qkv(qkv_RlE: torch.Tensor, attn_scale_11H1: torch.Tensor, keys_RlHD: t
     (l, H, D) contiguous), q (R, H, l, D) returned as a transposed view of (R, l, H, D)."""
     rows, length, _ = qkv_RlE.shape
     heads, dim = keys_RlHD.shape[2], keys_RlHD.shape[3]
-    if not _use_kernels(qkv_RlE) or rows * length == 0:
+    if qkv_RlE.shape[2] != 3 * heads * dim:
+        raise ValueError(f"qkv has {qkv_RlE.shape[2]} features; expected 3·{heads}·{dim} for the cache's heads")
+    if not _use_kernels(qkv_RlE) or rows * length == 0 or dim & (dim - 1):  # (the kernel's tiles: 2^n wide)
         return qkv_reference(qkv_RlE, attn_scale_11H1, keys_RlHD, values_RlHD)
     for name, slot in (("keys", keys_RlHD), ("values", values_RlHD)):
         if slot.stride()[1:] != (heads * dim, dim, 1):

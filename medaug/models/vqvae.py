@@ -582,7 +582,8 @@ class FastDecoder:
     ``fused_norm`` (default on CUDA GPUs of compute capability 8.0 or later where Triton imports) runs chunks
     of at least ``channel_stats_min_batch`` images through :class:`~medaug.models.fused_decode.FusedDecodePath`
     instead (GroupNorm, SiLU and residual adds in Triton kernels beside cuDNN convolutions, uncompiled; it
-    replaces the per-channel-statistics path): at batch 256 on the H200 1,013, 1,001 and 979 images/s against
+    replaces the per-channel-statistics path; ``padded_output``, default on, runs its output conv with
+    zero-padded output channels, :data:`~medaug.models.fused_decode.OUT_CHANNEL_MULTIPLE`): at batch 256 on the H200 1,013, 1,001 and 979 images/s against
     the compiled path's 991, 986 and 958 in the same runs, with no ~55 s compile (session 8,
     ``results/sample-h200-session8.json``).
     With float32 weights and every option off it computes exactly :meth:`VQVAE.decode`.
@@ -603,6 +604,7 @@ class FastDecoder:
         norm_row_bands: int = 1,
         channel_stats_min_batch: int = 32,
         max_chunk: int = 256,
+        padded_output: bool = True,
     ):
         self.config = vqvae.config
         self.device = vqvae.post_quant_conv.weight.device
@@ -619,6 +621,7 @@ class FastDecoder:
 
             fused_norm = fused_default(self.device)
         self.fused_norm = fused_norm
+        self.padded_output = padded_output
         default_stats = cuda and self.compiled and not fused_norm
         self.channel_stats_norm = default_stats if channel_stats_norm is None else channel_stats_norm
         self.channel_stats_min_batch = channel_stats_min_batch
@@ -653,12 +656,13 @@ class FastDecoder:
     def _fused_path(self, vqvae: VQVAE) -> nn.Module:
         """:class:`~medaug.models.fused_decode.FusedDecodePath` over a copy of the plain decode path
         (channels-last, uncompiled: its kernels are Triton's)."""
-        from medaug.models.fused_decode import FusedDecodePath, triton_available
+        from medaug.models.fused_decode import OUT_CHANNEL_MULTIPLE, FusedDecodePath, triton_available
 
         if self.device.type == "cuda" and not triton_available():
             log.warning("fused_norm: Triton is not installed; the fused decode path runs its torch reference")
         path = self._decode_path(vqvae, None)
-        return FusedDecodePath(path.post_quant_conv, path.decoder).eval().to(memory_format=torch.channels_last)
+        multiple = OUT_CHANNEL_MULTIPLE if self.padded_output else 1
+        return FusedDecodePath(path.post_quant_conv, path.decoder, multiple).eval().to(memory_format=torch.channels_last)
 
     def chunk_size(self) -> int:
         """Images per decoder call (class docstring): at most ``max_chunk``; on CUDA what fits in a third of

@@ -71,10 +71,14 @@ fresh process: it pays from ~55,000 images (``benchmarks/results/sample-h200-ses
 decode path (session 8, uncompiled, as fast as the compiled one) decodes chunks of 32 images or more, a
 planned run compiles nothing by default where that path is the default (its last chunk alone would pay the
 minute); an endless stream (``GeneratorDataset``) still compiles the small-chunk path."""
-LEGACY_DECODER = {"compiled": True, "channel_stats_norm": False, "gemm_attention": False, "fused_norm": False}
+LEGACY_DECODER = {"compiled": True, "channel_stats_norm": False, "gemm_attention": False, "fused_norm": False,
+                  "padded_output": False}
 """The fast path's decoder in runs whose synthesize.json records none (made before the record existed); a
-record without a key (``gemm_attention``, ``fused_norm``: runs made before it was recorded) takes the key's
-value here."""
+record without a key (``gemm_attention``, ``fused_norm``, ``padded_output``: runs made before it was
+recorded) takes the key's value here."""
+LEGACY_SAMPLER = {"fused_qkv": False}
+"""The fast path's sampler in runs whose synthesize.json records none: the compiled q/k normalisation (the
+Triton one of :mod:`medaug.models.fused_sample` rounds differently in bf16)."""
 
 
 class SynthGenerator:
@@ -112,6 +116,7 @@ class SynthGenerator:
         self.compile_decoder = compile_decoder
         self.expected_samples: int | None = None
         self._adopted_decoder: dict[str, bool] | None = None
+        self._adopted_sampler: dict[str, bool] | None = None
         self._fast_sampler: Any = None
         self._fast_decoder: Any = None
         self._decode_stream: Any = None
@@ -245,18 +250,21 @@ class SynthGenerator:
         from medaug.models.vqvae import FastDecoder
 
         if self._fast_sampler is None:
-            self._fast_sampler = FastSampler(self.var, self.vqvae.quantizer)
+            fused_qkv = (self.sampler_record() or {}).get("fused_qkv")
+            self._fast_sampler = FastSampler(self.var, self.vqvae.quantizer, fused_kernels=fused_qkv)
         if self._fast_decoder is None:
             options = self.decoder_record() or {}
             self._fast_decoder = FastDecoder(self.vqvae, compile=options.get("compiled"),
                                              channel_stats_norm=options.get("channel_stats_norm"),
                                              gemm_attention=options.get("gemm_attention", True),
-                                             fused_norm=options.get("fused_norm", False))
+                                             fused_norm=options.get("fused_norm", False),
+                                             padded_output=options.get("padded_output", False))
         return self._fast_sampler, self._fast_decoder
 
     def decoder_record(self) -> dict[str, bool] | None:
         """The fast path's decoder settings on CUDA, {"compiled", "channel_stats_norm", "gemm_attention",
-        "fused_norm"} (class docstring); None where they do not apply (the CPU, where the decoder is exact, or
+        "fused_norm", "padded_output"} (class docstring; ``padded_output``: the fused path's output conv runs
+        zero-padded to 32 channels); None where they do not apply (the CPU, where the decoder is exact, or
         the basic path). New runs decode chunks of 32 images or more through the fused (uncompiled) path where it
         is the default (:func:`~medaug.models.fused_decode.fused_default`); ``compiled`` then only concerns
         smaller chunks."""
@@ -267,7 +275,8 @@ class SynthGenerator:
         if self._fast_decoder is not None:
             decoder = self._fast_decoder
             return {"compiled": decoder.compiled, "channel_stats_norm": decoder.channel_stats_norm,
-                    "gemm_attention": decoder.gemm_attention, "fused_norm": decoder.fused_norm}
+                    "gemm_attention": decoder.gemm_attention, "fused_norm": decoder.fused_norm,
+                    "padded_output": decoder.padded_output}
         if self._adopted_decoder is not None:
             return dict(self._adopted_decoder)
         fused = fused_default(self.device)
@@ -276,7 +285,7 @@ class SynthGenerator:
             large = self.expected_samples is not None and self.expected_samples >= DECODER_COMPILE_MIN_SAMPLES
             compiled = self.expected_samples is None or (large and not fused)
         return {"compiled": compiled, "channel_stats_norm": compiled and not fused, "gemm_attention": True,
-                "fused_norm": fused}
+                "fused_norm": fused, "padded_output": fused}
 
     def adopt_decoder(self, record: dict[str, Any] | None) -> None:
         """Decode as a run recorded (:meth:`decoder_record`; None: a run from before the record, which decoded
@@ -287,6 +296,29 @@ class SynthGenerator:
         if self._fast_decoder is not None and self.decoder_record() != adopted:
             self._fast_decoder = None  # built with other settings: rebuilt on next use
         self._adopted_decoder = adopted
+
+    def sampler_record(self) -> dict[str, bool] | None:
+        """The fast path's sampler settings on CUDA, {"fused_qkv"}: whether the q/k normalisation runs as the
+        Triton kernel (the default where the fused decoder is); None where they do not apply."""
+        from medaug.models.fused_decode import fused_default
+
+        if not self.fast_on_cuda:
+            return None
+        if self._fast_sampler is not None:
+            return {"fused_qkv": self._fast_sampler.fused_kernels}
+        if self._adopted_sampler is not None:
+            return dict(self._adopted_sampler)
+        return {"fused_qkv": fused_default(self.device)}
+
+    def adopt_sampler(self, record: dict[str, Any] | None) -> None:
+        """Sample as a run recorded (:meth:`sampler_record`; None: a run from before the record, which sampled
+        as :data:`LEGACY_SAMPLER`). Nothing changes where the record does not apply."""
+        if not self.fast_on_cuda:
+            return
+        adopted = {key: bool((record or {}).get(key, legacy)) for key, legacy in LEGACY_SAMPLER.items()}
+        if self._fast_sampler is not None and self.sampler_record() != adopted:
+            self._fast_sampler = None  # built with other settings: rebuilt on next use
+        self._adopted_sampler = adopted
 
 
 def decode_behind(decoder: Any, quantizer: Any, indices: list[torch.Tensor], decode_BS: torch.Tensor,
@@ -358,5 +390,5 @@ def export_affine(domain: dict[str, Any], size: int) -> np.ndarray:
     return canonical_affine(spacing, size, domain_plane(domain), slice_thickness_mm=spacing)
 
 
-__all__ = ["DECODER_COMPILE_MIN_SAMPLES", "DTYPES", "LEGACY_DECODER", "GeneratedBatch", "PendingBatch", "SynthGenerator",
+__all__ = ["DECODER_COMPILE_MIN_SAMPLES", "DTYPES", "LEGACY_DECODER", "LEGACY_SAMPLER", "GeneratedBatch", "PendingBatch", "SynthGenerator",
            "decode_behind", "domain_plane", "export_affine", "export_intensity"]

@@ -152,6 +152,7 @@ def _run(generator: SynthGenerator, plan: Plan, out: Path, export: ExportSetting
     if state["status"] == STATUS_COMPLETE:
         return SynthesisResult(state, skipped_batches=plan.num_batches)
     generator.adopt_decoder(state["settings"].get("decoder"))  # a resumed run decodes as it started
+    generator.adopt_sampler(state["settings"].get("sampler"))  # and samples as it started
     result = generate_batches(generator, plan, out, export, state["run_uid"], info.rank, info.world_size, progress)
     distributed.barrier()
     if info.is_rank0:
@@ -166,7 +167,7 @@ def _settings_record(generator: SynthGenerator, plan: Plan, export: ExportSettin
     return {"plan_sha256": plan_sha256(plan), "sampling": to_dict(plan.request.sampling),
             "generator_sha256": generator.sha256, "formats": sorted(export.formats), "dtype": generator.dtype,
             "batch_size": plan.request.batch_size, "redraws": plan.request.redraws,
-            "decoder": generator.decoder_record()}
+            "decoder": generator.decoder_record(), "sampler": generator.sampler_record()}
 
 
 def claim_folder(out: Path, record: dict[str, Any], plan: Plan, generator: SynthGenerator, resume: bool) -> dict[str, Any]:
@@ -536,6 +537,7 @@ def regenerate(out: str | Path, sample_index: int, device: str = "cpu") -> tuple
     if generator.sha256 != row["generator_sha256"]:
         raise ConfigError(state["generator"]["checkpoint"], "weights differ from the ones that made the sample")
     generator.adopt_decoder(state["settings"].get("decoder"))  # decode as the run did
+    generator.adopt_sampler(state["settings"].get("sampler"))  # sample as the run did
     local = {name: i + 1 for i, name in enumerate(generator.bank.structures)}
     samples = [PlannedSample(index=r["sample_index"], domain=r["domain"], domain_index=generator.domain_names.index(r["domain"]),
                              seed=r["seed"], present=tuple(local[n] for n in r["condition_present"]),

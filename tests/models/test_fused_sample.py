@@ -41,6 +41,12 @@ def _check_qkv(result: dict) -> None:
     assert all(result.values()), result
 
 
+def test_fused_qkv_checks_the_projection_width():
+    keys = torch.zeros(2, 4, 3, 8)
+    with pytest.raises(ValueError, match="expected 3·3·8"):
+        fs.fused_qkv(torch.zeros(2, 4, 3 * 3 * 8 + 8), torch.ones(1, 1, 3, 1), keys, keys.clone())
+
+
 def test_without_kernels_fused_qkv_runs_the_torch_function():
     if fd._use_kernels(torch.zeros(1)):
         pytest.skip("TRITON_INTERPRET=1 is set: the interpreter test covers the kernel")
@@ -56,6 +62,7 @@ def interpreted_results() -> dict[str, object]:
     results: dict[str, object] = {
         "qkv_3x5x6x16": _qkv_case(generator, 3, 5, 6, 16, 12, 4),
         "qkv_2x1x4x64": _qkv_case(generator, 2, 1, 4, 64, 3, 2),
+        "qkv_2x3x2x12": _qkv_case(generator, 2, 3, 2, 12, 5, 0),  # a head size the kernel's tiles cannot hold
     }
     model, quantizer = _model_and_quantizer(_config(), seed=1)
     condition = _conditions(3, seed=2)
@@ -72,7 +79,7 @@ def interpreted_results() -> dict[str, object]:
 @pytest.mark.skipif(not fd.triton_available(), reason="Triton is not installed (CI installs it with the test extra)")
 def test_triton_kernel_computes_its_reference_in_the_interpreter():
     results = run_interpreted("tests.models.test_fused_sample", "interpreted_results")
-    for name in ("qkv_3x5x6x16", "qkv_2x1x4x64"):
+    for name in ("qkv_3x5x6x16", "qkv_2x1x4x64", "qkv_2x3x2x12"):
         _check_qkv(results.pop(name))
     assert results == {"sampler_cfg1.5_equal": True, "sampler_shapes": True, "sampler_cfg0.0_equal": True}
 

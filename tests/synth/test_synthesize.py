@@ -535,8 +535,10 @@ def test_the_decoder_is_compiled_only_for_runs_where_compiling_pays_and_resumes_
     assert generator.decoder_record() is None
     generator.device = torch.device("cuda")  # the rule alone: nothing runs on it
     # with Triton, chunks of 32 or more run the fused path and "compiled" only concerns smaller ones
-    compiled = {"compiled": True, "channel_stats_norm": not triton, "gemm_attention": True, "fused_norm": triton}
-    eager = {"compiled": False, "channel_stats_norm": False, "gemm_attention": True, "fused_norm": triton}
+    compiled = {"compiled": True, "channel_stats_norm": not triton, "gemm_attention": True, "fused_norm": triton,
+                "padded_output": triton}
+    eager = {"compiled": False, "channel_stats_norm": False, "gemm_attention": True, "fused_norm": triton,
+             "padded_output": triton}
     assert generator.decoder_record() == compiled  # a dataset drawing epoch after epoch (GeneratorDataset)
     generator.expected_samples = DECODER_COMPILE_MIN_SAMPLES - 1
     assert generator.decoder_record() == eager
@@ -548,14 +550,17 @@ def test_the_decoder_is_compiled_only_for_runs_where_compiling_pays_and_resumes_
     assert generator.decoder_record() == eager
     generator.adopt_decoder(None)  # a run from before the record: as it decoded then
     assert generator.decoder_record() == LEGACY_DECODER == {"compiled": True, "channel_stats_norm": False,
-                                                            "gemm_attention": False, "fused_norm": False}
+                                                            "gemm_attention": False, "fused_norm": False,
+                                                            "padded_output": False}
     generator.adopt_decoder(compiled)
     assert generator.decoder_record() == compiled
     generator.adopt_decoder({"compiled": True, "channel_stats_norm": True})  # recorded before gemm_attention
     assert generator.decoder_record() == {"compiled": True, "channel_stats_norm": True, "gemm_attention": False,
-                                          "fused_norm": False}
+                                          "fused_norm": False, "padded_output": False}
     generator.adopt_decoder({"compiled": False, "channel_stats_norm": False, "gemm_attention": True})  # before fused
-    assert generator.decoder_record() == {**eager, "fused_norm": False}
+    assert generator.decoder_record() == {**eager, "fused_norm": False, "padded_output": False}
+    generator.adopt_decoder({**eager, "padded_output": False})  # fused, recorded before the padded output conv
+    assert generator.decoder_record() == {**eager, "padded_output": False}
 
 
 def test_the_fast_path_builds_the_decoder_it_records(tiny_var_run, monkeypatch):
@@ -568,7 +573,32 @@ def test_the_fast_path_builds_the_decoder_it_records(tiny_var_run, monkeypatch):
     monkeypatch.setattr(generator, "_fast_sampler", object())
     generator.adopt_decoder({"compiled": False, "channel_stats_norm": True})  # a record from before gemm_attention
     generator._fast_path()
-    assert built == [{"compile": False, "channel_stats_norm": True, "gemm_attention": False, "fused_norm": False}]
+    assert built == [{"compile": False, "channel_stats_norm": True, "gemm_attention": False, "fused_norm": False,
+                      "padded_output": False}]
+
+
+@pytest.mark.parametrize("triton", [True, False], ids=["with-triton", "without-triton"])
+def test_the_sampler_records_its_qkv_kernel_and_resumes_as_recorded(tiny_var_run, monkeypatch, triton):
+    import medaug.models.fused_decode as fused_decode
+    import medaug.models.sampling as sampling
+    from medaug.synth.engine import LEGACY_SAMPLER
+
+    monkeypatch.setattr(fused_decode, "fused_default", lambda device: triton)
+    generator = SynthGenerator(tiny_var_run["run_dir"], "cpu", fast=True)
+    assert generator.sampler_record() is None  # off CUDA: nothing to record or adopt
+    generator.adopt_sampler({"fused_qkv": True})
+    assert generator.sampler_record() is None
+    generator.device = torch.device("cuda")  # the rule alone: nothing runs on it
+    assert generator.sampler_record() == {"fused_qkv": triton}
+    generator.adopt_sampler(None)  # a run from before the record: the compiled q/k normalisation
+    assert generator.sampler_record() == LEGACY_SAMPLER == {"fused_qkv": False}
+    generator.adopt_sampler({"fused_qkv": True})
+    assert generator.sampler_record() == {"fused_qkv": True}
+    built: list[dict] = []
+    monkeypatch.setattr(sampling, "FastSampler", lambda var, quantizer, **options: built.append(options) or options)
+    monkeypatch.setattr(generator, "_fast_decoder", object())
+    generator._fast_path()
+    assert built == [{"fused_kernels": True}]
 
 
 def test_a_run_records_its_decoder_settings(tiny_synthesis):
