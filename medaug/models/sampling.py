@@ -474,9 +474,9 @@ class FastSampler:
     * :class:`ChainedKVCache`: preallocated, no ``torch.cat``, the last scale not cached; laid out
       (rows, positions, heads, head dim) and written by the q/k normalisation kernel (no separate copies).
     * No unconditional stream when every guidance weight is 0 (``cfg`` 0, or a single scale).
-    * ``compile`` (default: on CUDA): LayerNorm + modulation + residual, q/k normalisation with the
-      cache writes and the guidance mix run as torch.compile kernels with dynamic row/length sizes (one compile per model);
-      fc1 + tanh-GELU use cuBLASLt's fused epilogue on CUDA.
+    * ``compile`` (default: on CUDA): LayerNorm + modulation + residual, the guidance mix and (without
+      ``fused_kernels``) the q/k normalisation with the cache writes run as torch.compile kernels with dynamic
+      row/length sizes (one compile per model); fc1 + tanh-GELU use cuBLASLt's fused epilogue on CUDA.
     * ``cuda_graphs`` (default: on CUDA): batches of at most ``graph_max_batch`` samples run as one
       captured graph per power-of-two bucket (padding rows are dropped), which removes launch overhead
       (the first scales' kernels are shorter than their launches). The default ``graph_max_batch``
