@@ -994,6 +994,42 @@ def part_c(report: Report, device: torch.device, smoke: bool, deadline: float) -
     report.put("output_conv_padded_ms", {"input": last["input"], "out_channels": out_channels, "ms": padded})
 
 
+@torch.no_grad()
+def part_o(report: Report, device: torch.device, smoke: bool, deadline: float) -> None:
+    """One d16 image (and chunks of 3 and 8), where the small-batch decode is bound by kernel launches: tokens,
+    then decode (and tokens + decode) with the shipped decoder (compiled plain path under 32 images) and with
+    the fused path from one image on (``channel_stats_min_batch=1``: Triton kernels, nothing compiled), 20 calls
+    each, and how far the two decoders' outputs are apart."""
+    var, vqvae = build_models("d16", device, smoke)
+    quantizer = vqvae.quantizer
+    sampler = FastSampler(var, quantizer, convert_in_place=True)
+    decoders = {"shipped": FastDecoder(vqvae), "fused_from_1": FastDecoder(vqvae, channel_stats_min_batch=1)}
+    result: dict[str, Any] = {}
+    for batch in (1, 3, 8) if not smoke else (1, 3):
+        if left(deadline) < 30:
+            break
+        condition, seeds = conditions(batch, device, seed=batch), list(range(batch))
+        indices = run_fast(sampler, None, quantizer, condition, seeds)
+        functions = {"tokens": lambda c=condition, s=seeds: run_fast(sampler, None, quantizer, c, s)}
+        for name, decoder in decoders.items():
+            functions[f"decode_{name}"] = lambda d=decoder, c=condition, i=indices: d.indices_to_img(quantizer, i, c[2])
+            functions[f"tokens_and_decode_{name}"] = lambda d=decoder, c=condition, s=seeds: run_fast(sampler, d,
+                                                                                                     quantizer, c, s)
+        row: dict[str, Any] = {}
+        for name, function in functions.items():
+            start = time.perf_counter()
+            function()
+            sync(device)
+            row[name + "_first_s"] = round(time.perf_counter() - start, 2)
+            function()
+            row[name + "_ms"] = round(1000 * timed(function, device, 20 if not smoke else 2), 2)
+        (image_a, label_a), (image_b, label_b) = (functions[f"decode_{name}"]() for name in decoders)
+        row["image_rel_diff"] = rel(image_b, image_a)
+        row["label_agreement"] = (label_a == label_b).float().mean().item()
+        result[f"batch_{batch}"] = row
+        report.put("small_batches", result)
+
+
 def part_q(report: Report, device: torch.device, smoke: bool, deadline: float) -> None:
     """The sampler's Triton kernel (medaug.models.fused_sample) alone against the compiled function it
     replaces, with checks and a launch-setting sweep, then d16 tokens at batch 256 with it on and off and one
@@ -1101,11 +1137,12 @@ def part_p(report: Report, device: torch.device, smoke: bool, deadline: float) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=("a", "b", "s", "p", "f", "d", "g", "k", "q", "c"), required=True,
+    parser.add_argument("--part", choices=("a", "b", "s", "p", "f", "d", "g", "k", "q", "c", "o"), required=True,
                         help="a: d16, b: d30, "
                         "s: streamed d16 and the max-autotune decoder, p: kernel profiles of d16 tokens and the decoder, "
                         "f: the shipped defaults, d16 then d30 (part_f), d: decoder by batch size, then d16 and d30 "
-                        "(part_d), g: decoder variants in three rounds each (part_g), k: the fused decoder's kernels (part_k), q: the sampler's kernels (part_q), c: the decoder's convolutions one by one (part_c)")
+                        "(part_d), g: decoder variants in three rounds each (part_g), k: the fused decoder's kernels (part_k), q: the sampler's kernels (part_q), c: the decoder's convolutions one by one (part_c), o: one image and small chunks, shipped "
+                        "decoder against the fused path from one image (part_o)")
     parser.add_argument("--smoke", action="store_true", help="tiny models (checks the script on the CPU)")
     parser.add_argument("--deadline-s", type=float, default=480.0, help="skip what would not finish by then")
     parser.add_argument("--json-out", type=Path, default=None)
@@ -1124,7 +1161,7 @@ def main() -> None:
                     commit=os.environ.get("MEDAUG_COMMIT") or common.commit()["commit"])
     report.put("cudnn_benchmark_limit", torch.backends.cudnn.benchmark_limit)
     {"a": part_a, "b": part_b, "s": part_s, "p": part_p, "f": part_f, "d": part_d,
-     "g": part_g, "k": part_k, "q": part_q, "c": part_c}[args.part](report, device, args.smoke, args.deadline_s)
+     "g": part_g, "k": part_k, "q": part_q, "c": part_c, "o": part_o}[args.part](report, device, args.smoke, args.deadline_s)
     report.put("wall_s", round(time.perf_counter() - START, 1))
 
 
