@@ -370,10 +370,12 @@ def _normalized(norm: nn.GroupNorm, x: _Activation, silu: bool) -> torch.Tensor:
     return scale_shift_act(x.stored, scale_BC, shift_BC, silu=silu)
 
 
-def _conv(conv: nn.Conv2d, x_BCHW: torch.Tensor) -> _Activation:
-    """``conv`` without its bias (left pending for the reader of its output)."""
-    out_BCHW = F.conv2d(x_BCHW, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
-    return _Activation(out_BCHW.contiguous(memory_format=torch.channels_last), _bias(conv))
+def _conv(conv: nn.Conv2d, x_BCHW: torch.Tensor, weight: torch.Tensor | None = None) -> _Activation:
+    """``conv`` without its bias (left pending for the reader of its output); with ``weight``, through that one
+    (zero-padded output channels), its first ``conv.out_channels`` kept as a view."""
+    weight = conv.weight if weight is None else weight
+    out_BCHW = F.conv2d(x_BCHW, weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+    return _Activation(out_BCHW.contiguous(memory_format=torch.channels_last)[:, :conv.out_channels], _bias(conv))
 
 
 def _bias(module: nn.Module) -> torch.Tensor | None:
@@ -408,8 +410,8 @@ class FusedDecodePath(nn.Module):
         if isinstance(last, nn.Conv2d) and last.groups == 1 and last.out_channels % out_channel_multiple:
             padded = -(-last.out_channels // out_channel_multiple) * out_channel_multiple
             weight = last.weight.detach()
-            self.out_weight = nn.Parameter(torch.cat((weight, weight.new_zeros(padded - last.out_channels,
-                                                                                 *weight.shape[1:]))),
+            zeros = weight.new_zeros(padded - last.out_channels, *weight.shape[1:])
+            self.out_weight = nn.Parameter(torch.cat((weight, zeros)).contiguous(memory_format=torch.channels_last),
                                            requires_grad=False)
 
     def forward(self, f_hat_BCHW: torch.Tensor) -> torch.Tensor:
@@ -419,8 +421,8 @@ class FusedDecodePath(nn.Module):
         while i < len(layers):
             layer = layers[i]
             fuse_silu = isinstance(layer, nn.GroupNorm) and i + 1 < len(layers) and isinstance(layers[i + 1], nn.SiLU)
-            if i == len(layers) - 1 and self.out_weight is not None:
-                x = self._output_conv(layer, x)
+            if i == len(layers) - 1 and self.out_weight is not None:  # the bias add below writes its channels
+                x = _conv(layer, x.materialized(), self.out_weight)
             else:
                 x = self._layer(layer, x, fuse_silu)
             i += 2 if fuse_silu else 1
@@ -448,13 +450,6 @@ class FusedDecodePath(nn.Module):
             upsampled_BCHW = F.interpolate(x.materialized(), scale_factor=2.0, mode="nearest")
             return _conv(layer.conv, upsampled_BCHW.contiguous(memory_format=torch.channels_last))
         raise TypeError(f"FusedDecodePath: no fused form of {type(layer).__name__}")
-
-    def _output_conv(self, conv: nn.Conv2d, x: _Activation) -> _Activation:
-        """The last conv through its zero-padded weight, its real channels kept as a view (the bias add
-        that follows writes them out)."""
-        weight = self.out_weight.to(memory_format=torch.channels_last)
-        out_BCHW = F.conv2d(x.materialized(), weight, None, conv.stride, conv.padding, conv.dilation)
-        return _Activation(out_BCHW.contiguous(memory_format=torch.channels_last)[:, :conv.out_channels], _bias(conv))
 
     @staticmethod
     def _resnet_block(block: nn.Module, x: _Activation) -> _Activation:

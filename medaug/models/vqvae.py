@@ -583,9 +583,9 @@ class FastDecoder:
     of at least ``channel_stats_min_batch`` images through :class:`~medaug.models.fused_decode.FusedDecodePath`
     instead (GroupNorm, SiLU and residual adds in Triton kernels beside cuDNN convolutions, uncompiled; it
     replaces the per-channel-statistics path; ``padded_output``, default on, runs its output conv with
-    zero-padded output channels, :data:`~medaug.models.fused_decode.OUT_CHANNEL_MULTIPLE`): at batch 256 on the H200 1,013, 1,001 and 979 images/s against
-    the compiled path's 991, 986 and 958 in the same runs, with no ~55 s compile (session 8,
-    ``results/sample-h200-session8.json``).
+    zero-padded output channels, :data:`~medaug.models.fused_decode.OUT_CHANNEL_MULTIPLE`): at batch 256 on
+    the H200 1,013, 1,001 and 979 images/s against the compiled path's 991, 986 and 958 in the same runs,
+    with no ~55 s compile (session 8, ``results/sample-h200-session8.json``).
     With float32 weights and every option off it computes exactly :meth:`VQVAE.decode`.
     On CUDA it turns on ``torch.backends.cudnn.benchmark`` (convolution algorithms picked per shape).
     """

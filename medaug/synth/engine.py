@@ -292,7 +292,7 @@ class SynthGenerator:
         as :data:`LEGACY_DECODER`). Nothing changes where the record does not apply."""
         if not self.fast_on_cuda:
             return
-        adopted = {key: bool((record or {}).get(key, legacy)) for key, legacy in LEGACY_DECODER.items()}
+        adopted = _recorded(record, LEGACY_DECODER)
         if self._fast_decoder is not None and self.decoder_record() != adopted:
             self._fast_decoder = None  # built with other settings: rebuilt on next use
         self._adopted_decoder = adopted
@@ -315,10 +315,15 @@ class SynthGenerator:
         as :data:`LEGACY_SAMPLER`). Nothing changes where the record does not apply."""
         if not self.fast_on_cuda:
             return
-        adopted = {key: bool((record or {}).get(key, legacy)) for key, legacy in LEGACY_SAMPLER.items()}
+        adopted = _recorded(record, LEGACY_SAMPLER)
         if self._fast_sampler is not None and self.sampler_record() != adopted:
             self._fast_sampler = None  # built with other settings: rebuilt on next use
         self._adopted_sampler = adopted
+
+
+def _recorded(record: dict[str, Any] | None, legacy: dict[str, bool]) -> dict[str, bool]:
+    """A run's recorded settings, each key it lacks (recorded before the key existed) at its ``legacy`` value."""
+    return {key: bool((record or {}).get(key, value)) for key, value in legacy.items()}
 
 
 def decode_behind(decoder: Any, quantizer: Any, indices: list[torch.Tensor], decode_BS: torch.Tensor,
