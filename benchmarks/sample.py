@@ -943,7 +943,7 @@ def part_c(report: Report, device: torch.device, smoke: bool, deadline: float) -
     _, vqvae = build_models("d16", device, smoke)
     decoder = FastDecoder(vqvae)
     batch = 256 if not smoke else 4
-    f_hat = random_features(vqvae, batch, device)
+    f_hat = random_features(vqvae, 2, device)  # shapes recorded at batch 2: the search at 256 happens below
     calls: list[tuple[str, tuple, torch.Tensor, dict]] = []
     conv2d, conv_transpose2d = fd.F.conv2d, fd.F.conv_transpose2d
 
@@ -964,17 +964,22 @@ def part_c(report: Report, device: torch.device, smoke: bool, deadline: float) -
         if key in seen:
             seen[key]["calls"] += 1
             continue
+        shape = (batch, *shape[1:])
         x = torch.randn(shape, device=device, dtype=weight.dtype).contiguous(memory_format=torch.channels_last)
         function = conv2d if kind == "conv" else conv_transpose2d
         run = lambda f=function, x=x, w=weight, o=options: f(x, w, o["bias"], *o["args"], **o["kwargs"])  # noqa: E731
-        out = run()
         sync(device)
+        start = time.perf_counter()
+        out = run()  # the first call at this shape: cuDNN's algorithm search (benchmark on)
+        sync(device)
+        first_s = time.perf_counter() - start
         seconds = timed(run, device, 5 if not smoke else 1)
         taps = weight.shape[2] * weight.shape[3] if kind == "conv" else weight.shape[2] * weight.shape[3] / 4
         in_channels = weight.shape[1] if kind == "conv" else weight.shape[0]
         flops = 2 * out.numel() * in_channels * taps
         seen[key] = {"kind": kind, "input": list(shape), "weight": list(weight.shape), "calls": 1,
-                     "ms": round(1000 * seconds, 3), "tflop_per_s": round(flops / seconds / 1e12, 1)}
+                     "ms": round(1000 * seconds, 3), "tflop_per_s": round(flops / seconds / 1e12, 1),
+                     "first_call_s": round(first_s, 3)}
         rows.append(seen[key])
         del x, out
     report.put("convolutions", rows)
@@ -1028,6 +1033,139 @@ def part_o(report: Report, device: torch.device, smoke: bool, deadline: float) -
         row["label_agreement"] = (label_a == label_b).float().mean().item()
         result[f"batch_{batch}"] = row
         report.put("small_batches", result)
+
+
+def timeline(function: Callable[[], Any], device: torch.device, gaps: int = 12) -> dict[str, Any]:
+    """One call of ``function`` under torch.profiler: the device span (first kernel start to last kernel
+    end), the time some kernel runs (union of kernel intervals), and the largest idle gaps with the
+    kernels on either side, to tell launch or host stalls from slow kernels."""
+    if device.type != "cuda":
+        return {}
+    from torch.profiler import ProfilerActivity, profile
+
+    function()
+    sync(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        function()
+        sync(device)
+    kernels = sorted((event.time_range.start, event.time_range.end, event.name[:60]) for event in prof.events()
+                     if event.device_type == torch.autograd.DeviceType.CUDA and event.time_range.end > 0)
+    if not kernels:
+        return {"error": "no device events"}
+    busy, end, holes = 0.0, kernels[0][0], []
+    for (start, stop, name), previous in zip(kernels, [None] + kernels[:-1]):
+        if start > end:
+            holes.append((start - end, previous[2] if previous else "", name))
+        busy += max(0.0, stop - max(start, end))
+        end = max(end, stop)
+    holes.sort(reverse=True)
+    return {"span_ms": round((end - kernels[0][0]) / 1000, 2), "busy_ms": round(busy / 1000, 2),
+            "kernels": len(kernels), "idle_ms": round(sum(h[0] for h in holes) / 1000, 2),
+            "largest_gaps": [{"us": round(h[0], 1), "after": h[1], "before": h[2]} for h in holes[:gaps]]}
+
+
+def graphed(function: Callable[[torch.Tensor], Any], example: torch.Tensor) -> Callable[[], Any]:
+    """``function(example)`` captured once in a CUDA graph (warmed on a side stream): a replay."""
+    static = example.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            function(static)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        function(static)
+    return graph.replay
+
+
+@torch.no_grad()
+def part_t(report: Report, device: torch.device, smoke: bool, deadline: float) -> None:
+    """The fused decoder at batch 256: wall time per call against its kernels' busy time (timeline: are
+    there idle gaps on the device?), the same decode replayed from a CUDA graph, and the folded
+    upsamples' transposed convolutions against their phase form (one 2×2 conv with four times the output
+    channels on the 1-padded input, whose four shifted sub-grids interleave into the upsampled map)."""
+    _, vqvae = build_models("d16", device, smoke)
+    batch, reps = (256, 5) if not smoke else (4, 1)
+    decoder = FastDecoder(vqvae)
+    f_hat_BCHW = random_features(vqvae, batch, device)
+    flops = decoder_flops(vqvae, f_hat_BCHW[:1])
+    result: dict[str, Any] = {"batch": batch}
+    result["eager"] = time_decode(lambda: decoder.decode(f_hat_BCHW), device, batch, reps, flops)
+    guarded(report, "decoder_timeline", lambda: timeline(lambda: decoder.decode(f_hat_BCHW), device))
+    if device.type == "cuda":
+        free_memory(device)
+        before = torch.cuda.memory_allocated(device)
+        try:
+            replay = graphed(lambda x: decoder.decode(x), f_hat_BCHW)
+            result["graph"] = time_decode(replay, device, batch, reps, flops)
+            result["graph"]["pool_gb"] = round((torch.cuda.memory_allocated(device) - before) / 1e9, 1)
+            rounds = {"eager": [], "graph": []}
+            for _ in range(3):
+                rounds["eager"].append(round(batch / timed(lambda: decoder.decode(f_hat_BCHW), device, reps), 1))
+                rounds["graph"].append(round(batch / timed(replay, device, reps), 1))
+            result["rounds_images_per_s"] = rounds
+            del replay
+        except Exception as error:  # noqa: BLE001
+            result["graph"] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
+        free_memory(device)
+    report.put("decoder_graph", result)
+    guarded(report, "upsample_phase_conv", lambda: upsample_phase_conv(vqvae, decoder, device, batch, smoke))
+
+
+@torch.no_grad()
+def upsample_phase_conv(vqvae: VQVAE, decoder: FastDecoder, device: torch.device, batch: int,
+                        smoke: bool) -> list[dict[str, Any]]:
+    """Each folded upsample's stride-2 transposed 4×4 conv (as the decoder runs it) against the phase form
+    of the same function (ms each, the interleave as a torch copy for scale, and the max difference)."""
+    from medaug.models.vqvae import FoldedUpsample, Upsample
+
+    rows = []
+    upsamples = [module for module in vqvae.decoder.modules() if isinstance(module, Upsample)]
+    path = decoder.fused_path if decoder.fused_path is not None else decoder.path
+    folds = [module for module in path.modules() if isinstance(module, FoldedUpsample)]
+    folds = folds or [FoldedUpsample(module).to(torch.bfloat16) for module in upsamples]  # unfolded (CPU)
+    for level, (module, folded) in enumerate(zip(upsamples, folds)):  # from the latent side up: each doubles it
+        conv = module.conv
+        channels, side = conv.in_channels, vqvae.config.latent_side * 2 ** level
+        x = torch.randn(batch, channels, side, side, device=device, dtype=torch.bfloat16)
+        x = x.contiguous(memory_format=torch.channels_last)
+        w = conv.weight.float()
+        # output row 2m + p reads input rows m - 1 + p and m + p, i.e. padded rows s, s + 1 with s = m + p:
+        # phase 0 weighs them (tap 0; taps 1 + 2), phase 1 (taps 0 + 1; tap 2); likewise for columns
+        taps = (torch.tensor(((1.0, 0.0, 0.0), (0.0, 1.0, 1.0)), device=device),
+                torch.tensor(((1.0, 1.0, 0.0), (0.0, 0.0, 1.0)), device=device))
+        phases = [torch.einsum("ay,bx,oiyx->oiab", taps[py], taps[px], w) for py in range(2) for px in range(2)]
+        weight = torch.cat(phases).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+
+        def phase_form(x=x, weight=weight):
+            return F.conv2d(x, weight, None, 1, 1)  # (B, 4·C, side + 1, side + 1)
+
+        def interleave(y, out_channels=conv.out_channels, side=side):
+            b = y.shape[0]
+            parts = y.view(b, 2, 2, out_channels, side + 1, side + 1)
+            out = torch.empty(b, out_channels, 2 * side, 2 * side, device=y.device, dtype=y.dtype,
+                              memory_format=torch.channels_last)
+            for py in range(2):
+                for px in range(2):
+                    out[:, :, py::2, px::2] = parts[:, py, px, :, py:py + side, px:px + side]
+            return out
+
+        transposed = lambda x=x, folded=folded: F.conv_transpose2d(x, folded.weight, None, stride=2, padding=1)  # noqa: E731
+        reference = transposed()
+        phased = interleave(phase_form())
+        sync(device)
+        row = {"side": side, "channels": channels,
+               "max_abs_diff": float((phased.float() - reference.float()).abs().max()),
+               "reference_abs_max": float(reference.float().abs().max())}
+        for name, function in (("transposed_ms", transposed), ("phase_conv_ms", phase_form),
+                               ("interleave_copy_ms", lambda y=phase_form(): interleave(y))):
+            function()
+            sync(device)
+            row[name] = round(1000 * timed(function, device, 5 if not smoke else 1), 3)
+        rows.append(row)
+        del x, reference, phased
+    return rows
 
 
 def part_q(report: Report, device: torch.device, smoke: bool, deadline: float) -> None:
@@ -1137,12 +1275,13 @@ def part_p(report: Report, device: torch.device, smoke: bool, deadline: float) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=("a", "b", "s", "p", "f", "d", "g", "k", "q", "c", "o"), required=True,
+    parser.add_argument("--part", choices=("a", "b", "s", "p", "f", "d", "g", "k", "q", "c", "o", "t"), required=True,
                         help="a: d16, b: d30, "
                         "s: streamed d16 and the max-autotune decoder, p: kernel profiles of d16 tokens and the decoder, "
                         "f: the shipped defaults, d16 then d30 (part_f), d: decoder by batch size, then d16 and d30 "
                         "(part_d), g: decoder variants in three rounds each (part_g), k: the fused decoder's kernels (part_k), q: the sampler's kernels (part_q), c: the decoder's convolutions one by one (part_c), o: one image and small chunks, shipped "
-                        "decoder against the fused path from one image (part_o)")
+                        "decoder against the fused path from one image (part_o), t: the decoder's device timeline, a CUDA graph of it, "
+                        "and the upsamples' phase form (part_t)")
     parser.add_argument("--smoke", action="store_true", help="tiny models (checks the script on the CPU)")
     parser.add_argument("--deadline-s", type=float, default=480.0, help="skip what would not finish by then")
     parser.add_argument("--json-out", type=Path, default=None)
@@ -1161,7 +1300,7 @@ def main() -> None:
                     commit=os.environ.get("MEDAUG_COMMIT") or common.commit()["commit"])
     report.put("cudnn_benchmark_limit", torch.backends.cudnn.benchmark_limit)
     {"a": part_a, "b": part_b, "s": part_s, "p": part_p, "f": part_f, "d": part_d,
-     "g": part_g, "k": part_k, "q": part_q, "c": part_c, "o": part_o}[args.part](report, device, args.smoke, args.deadline_s)
+     "g": part_g, "k": part_k, "q": part_q, "c": part_c, "o": part_o, "t": part_t}[args.part](report, device, args.smoke, args.deadline_s)
     report.put("wall_s", round(time.perf_counter() - START, 1))
 
 
