@@ -8,11 +8,11 @@ export PYTHONPATH=. MEDAUG_COMMIT=${MEDAUG_COMMIT:-unknown}
 nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_throttle_reasons.active \
   --format=csv -lms 250 > "$OUT/smi.csv" 2>&1 &
 SMI=$!
-run() { local name=$1 limit=$2; shift 2; timeout "$limit" python3 benchmarks/sample.py "$@" --json-out "$OUT/$name.json" \
-  > "$OUT/$name.log" 2>&1; echo "$name rc=$?" >> "$OUT/rcs.txt"; }
+run() { local name=$1 limit=$2; shift 2; echo "=== $name" >> "$OUT/all.log"
+  timeout "$limit" python3 benchmarks/sample.py "$@" --json-out "$OUT/$name.json" >> "$OUT/all.log" 2>&1
+  echo "=== $name rc=$?" >> "$OUT/all.log"; }
 run t 150 --part t --deadline-s 140
 run c10 90 --part c --deadline-s 85
 MEDAUG_CUDNN_BENCHMARK_LIMIT=25 run c25 120 --part c --deadline-s 115
 run o 200 --part o --deadline-s 190
 kill $SMI
-tail -c 3000 "$OUT"/*.log > "$OUT/logs_tail.txt"
