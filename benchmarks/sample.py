@@ -785,7 +785,8 @@ def part_g(report: Report, device: torch.device, smoke: bool, deadline: float) -
     result: dict[str, Any] = {"batch": batch, "flops_per_image": flops}
     options = {"eager_bf16_nchw": dict(compile=False, fused_norm=False),
                "compiled_channel_stats": dict(fused_norm=False),
-               "compiled_session6": dict(gemm_attention=False, fused_norm=False), "fused_norm": {}}
+               "compiled_session6": dict(gemm_attention=False, fused_norm=False), "fused_norm": {},
+               "fused_no_phase": dict(phase_upsample=False)}
     unknown = (VARIANTS or set()) - set(options)
     if unknown:
         raise SystemExit(f"--variants: unknown {sorted(unknown)}; expected some of {sorted(options)}")
@@ -808,7 +809,8 @@ def part_g(report: Report, device: torch.device, smoke: bool, deadline: float) -
         if decoder.compiled and left(deadline) > 10:
             result[name]["profile"] = profile_top(lambda d=decoder: d.decode(f_hat_BCHW), device, top=25)
         report.put("decoder_alone", result)
-    reference_name = next((name for name in ("compiled_session6", "compiled_channel_stats") if name in decoders), None)
+    reference_name = next((name for name in ("compiled_session6", "compiled_channel_stats", "fused_no_phase")
+                           if name in decoders), None)
     if reference_name is not None:  # the changes compute the same function: outputs of the same f_hat agree
         result["reference"] = reference_name
         image_ref, logits_ref = decoders[reference_name].decode(f_hat_BCHW[:32])
@@ -1002,13 +1004,14 @@ def part_c(report: Report, device: torch.device, smoke: bool, deadline: float) -
 @torch.no_grad()
 def part_o(report: Report, device: torch.device, smoke: bool, deadline: float) -> None:
     """One d16 image (and chunks of 3 and 8), where the small-batch decode is bound by kernel launches: tokens,
-    then decode (and tokens + decode) with the shipped decoder (compiled plain path under 32 images) and with
-    the fused path from one image on (``channel_stats_min_batch=1``: Triton kernels, nothing compiled), 20 calls
-    each, and how far the two decoders' outputs are apart."""
+    then decode (and tokens + decode) with the shipped decoder (compiled plain path under 32 images, replayed
+    from a CUDA graph for one or two images) and without its graph (``small_graph=False``; session 9 measured
+    the fused path from one image, ``channel_stats_min_batch=1``, at 46 ms), 20 calls each, and how far the two
+    decoders' outputs are apart (the graph replays the same kernels: equal)."""
     var, vqvae = build_models("d16", device, smoke)
     quantizer = vqvae.quantizer
     sampler = FastSampler(var, quantizer, convert_in_place=True)
-    decoders = {"shipped": FastDecoder(vqvae), "fused_from_1": FastDecoder(vqvae, channel_stats_min_batch=1)}
+    decoders = {"shipped": FastDecoder(vqvae), "no_graph": FastDecoder(vqvae, small_graph=False)}
     result: dict[str, Any] = {}
     for batch in (1, 3, 8) if not smoke else (1, 3):
         if left(deadline) < 30:
@@ -1031,6 +1034,7 @@ def part_o(report: Report, device: torch.device, smoke: bool, deadline: float) -
         (image_a, label_a), (image_b, label_b) = (functions[f"decode_{name}"]() for name in decoders)
         row["image_rel_diff"] = rel(image_b, image_a)
         row["label_agreement"] = (label_a == label_b).float().mean().item()
+        row["equal"] = bool(torch.equal(image_a, image_b) and torch.equal(label_a, label_b))
         result[f"batch_{batch}"] = row
         report.put("small_batches", result)
 

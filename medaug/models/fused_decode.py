@@ -121,13 +121,50 @@ def pixel_splits(batch: int, channels: int, pixels: int, settings: KernelSetting
     return splits
 
 
-def _checked_splits(splits: int | None, x_BCHW: torch.Tensor, settings: KernelSettings) -> int:
-    batch, channels, height, width = x_BCHW.shape
+def _checked_splits(splits: int | None, shape: tuple[int, ...], settings: KernelSettings) -> int:
+    batch, channels, height, width = shape
     if splits is None:
         return pixel_splits(batch, channels, height * width, settings)
     if splits < 1 or (height * width) % splits:
         raise ValueError(f"splits is {splits}; expected a positive divisor of the {height * width} pixels per image")
     return splits
+
+
+# ---------------------------------------------------------------- the phase form of an upsample
+PHASE_TAPS = ((3, 1), (2, 0))
+"""PHASE_TAPS[p][a]: the tap of a stride-2, padding-1 transposed 4×4 conv that phase p (output rows
+2m + p) applies to row a of its 2×2 window on the 1-padded input (input rows m + p - 1 + a)."""
+
+
+def phase_weight(transposed_IOkk: torch.Tensor) -> torch.Tensor:
+    """The weight (4·C_out, C_in, 2, 2) of the phase form of a stride-2, padding-1 transposed 4×4 conv with
+    weight (C_in, C_out, 4, 4): output channel (2·p + q)·C_out + o is output o at rows 2m + p, columns
+    2n + q, computed at window (m + p, n + q) of the 1-padded input (the same taps, in the same dtype)."""
+    taps = torch.tensor(PHASE_TAPS, device=transposed_IOkk.device)
+    phases = [transposed_IOkk[:, :, taps[p]][:, :, :, taps[q]].transpose(0, 1) for p in range(2) for q in range(2)]
+    return torch.cat(phases)
+
+
+def phase_shape(y_BQHW: torch.Tensor) -> tuple[int, int, int, int]:
+    """(B, C, 2S, 2S): the shape of the upsampled map whose phase form (B, 4·C, S + 1, S + 1) is ``y``."""
+    batch, channels4, grid_h, grid_w = y_BQHW.shape
+    return batch, channels4 // 4, 2 * (grid_h - 1), 2 * (grid_w - 1)
+
+
+def _empty_map(like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=torch.channels_last)
+
+
+def interleave_phases(y_BQHW: torch.Tensor) -> torch.Tensor:
+    """The upsampled map (B, C, 2S, 2S) channels-last from its phase form ``y`` (B, (2, 2, C), S + 1, S + 1):
+    output (2m + p, 2n + q) is phase (p, q) at (m + p, n + q)."""
+    batch, channels, height, width = phase_shape(y_BQHW)
+    parts = y_BQHW.reshape(batch, 2, 2, channels, *y_BQHW.shape[2:])
+    out_BCHW = _empty_map(y_BQHW, (batch, channels, height, width))
+    for p in range(2):
+        for q in range(2):
+            out_BCHW[:, :, p::2, q::2] = parts[:, p, q, :, p:p + height // 2, q:q + width // 2]
+    return out_BCHW
 
 
 # ---------------------------------------------------------------- torch references (CPU, no Triton)
@@ -138,9 +175,12 @@ def _rows_BPC(x_BCHW: torch.Tensor) -> torch.Tensor:
 
 
 def moments_reference(
-    x_BCHW: torch.Tensor, h_BCHW: torch.Tensor | None, bias_C: torch.Tensor | None, write: bool, splits: int
+    x_BCHW: torch.Tensor, h_BCHW: torch.Tensor | None, bias_C: torch.Tensor | None, write: bool, splits: int,
+    phase: bool = False,
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """:func:`channel_moments` in plain torch (float32 arithmetic)."""
+    if phase:
+        x_BCHW = interleave_phases(x_BCHW)
     v_BCHW = x_BCHW.float()
     if h_BCHW is not None:
         v_BCHW = v_BCHW + h_BCHW.float()
@@ -157,8 +197,10 @@ def moments_reference(
 
 
 def scale_shift_act_reference(x_BCHW: torch.Tensor, scale_BC: torch.Tensor, shift_BC: torch.Tensor,
-                              silu: bool) -> torch.Tensor:
+                              silu: bool, phase: bool = False) -> torch.Tensor:
     """:func:`scale_shift_act` in plain torch (float32 arithmetic)."""
+    if phase:
+        x_BCHW = interleave_phases(x_BCHW)
     v_BCHW = x_BCHW.float() * scale_BC[:, :, None, None] + shift_BC[:, :, None, None]
     if silu:
         v_BCHW = F.silu(v_BCHW)
@@ -169,13 +211,25 @@ def scale_shift_act_reference(x_BCHW: torch.Tensor, scale_BC: torch.Tensor, shif
 if triton is not None:
 
     @triton.jit
+    def _phase_index(image, offs_q, offs_c, channels, width, grid_side):
+        """Where pixel ``offs_q`` (row-major in its (2S, 2S) image) and channel ``offs_c`` of an upsampled map
+        live in its phase form (:func:`interleave_phases`): (B, (2, 2, C), S + 1, S + 1) channels-last."""
+        out_row = offs_q // width
+        out_col = offs_q % width
+        phase_row = out_row % 2
+        phase_col = out_col % 2
+        source = (image.to(tl.int64) * grid_side + out_row // 2 + phase_row) * grid_side + out_col // 2 + phase_col
+        return (source * 4 + phase_row * 2 + phase_col)[:, None] * channels + offs_c[None, :]
+
+    @triton.jit
     def _moments_kernel(x_ptr, h_ptr, bias_ptr, out_ptr, mean_ptr, m2_ptr, pixels, channels, split_pixels, splits,
-                        channel_blocks,
-                        HAS_H: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE: tl.constexpr,
+                        channel_blocks, width, grid_side,
+                        HAS_H: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE: tl.constexpr, PHASE: tl.constexpr,
                         BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, STAGES: tl.constexpr):
         """Program (image·splits + split)·channel_blocks + channel block: moments of x (+ h) (+ bias) over its
-        split's pixels, the sum written if WRITE. Each tile lane keeps a running (Welford) mean and m2 of the values it sees,
-        one per tile step; the lanes of a channel, equal in count, are combined once at the end."""
+        split's pixels, the sum written if WRITE (x read from its phase form if PHASE). Each tile lane keeps a
+        running (Welford) mean and m2 of the values it sees, one per tile step; the lanes of a channel, equal
+        in count, are combined once at the end."""
         row = tl.program_id(0) // channel_blocks
         image = row // splits
         split = row % splits
@@ -190,7 +244,12 @@ if triton is not None:
         for start in tl.range(0, split_pixels, BLOCK_P, num_stages=STAGES):
             offs_p = first + start + tl.arange(0, BLOCK_P)
             index = offs_p[:, None] * channels + offs_c[None, :]
-            v = tl.load(x_ptr + index, mask=mask, other=0.0).to(tl.float32)
+            if PHASE:
+                offs_q = split * split_pixels + start + tl.arange(0, BLOCK_P)
+                x_index = _phase_index(image, offs_q, offs_c, channels, width, grid_side)
+            else:
+                x_index = index
+            v = tl.load(x_ptr + x_index, mask=mask, other=0.0).to(tl.float32)
             if HAS_H:
                 v += tl.load(h_ptr + index, mask=mask, other=0.0).to(tl.float32)
             if HAS_BIAS:
@@ -212,11 +271,11 @@ if triton is not None:
 
     @triton.jit
     def _scale_shift_act_kernel(x_ptr, scale_ptr, shift_ptr, out_ptr, pixels, channels, split_pixels, splits,
-                                channel_blocks,
-                                SILU: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+                                channel_blocks, width, grid_side,
+                                SILU: tl.constexpr, PHASE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
                                 STAGES: tl.constexpr):
         """Program (image·splits + split)·channel_blocks + channel block: out = x·scale + shift (then SiLU) over
-        its split's pixels."""
+        its split's pixels (x read from its phase form if PHASE)."""
         row = tl.program_id(0) // channel_blocks
         image = row // splits
         split = row % splits
@@ -229,23 +288,35 @@ if triton is not None:
         for start in tl.range(0, split_pixels, BLOCK_P, num_stages=STAGES):
             offs_p = first + start + tl.arange(0, BLOCK_P)
             index = offs_p[:, None] * channels + offs_c[None, :]
-            v = tl.load(x_ptr + index, mask=mask, other=0.0).to(tl.float32) * scale + shift
+            if PHASE:
+                offs_q = split * split_pixels + start + tl.arange(0, BLOCK_P)
+                x_index = _phase_index(image, offs_q, offs_c, channels, width, grid_side)
+            else:
+                x_index = index
+            v = tl.load(x_ptr + x_index, mask=mask, other=0.0).to(tl.float32) * scale + shift
             if SILU:
                 v = v * tl.sigmoid(v)
             tl.store(out_ptr + index, v.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _launch(x_BCHW: torch.Tensor, splits: int, settings: KernelSettings) -> dict[str, object]:
-    """Grid and shape arguments of a kernel over ``x``: one program per (image, split, channel block), the
-    channel blocks of one pixel range adjacent (they share its cache lines: a 160-channel row is 320 bytes,
-    a 32-channel block reads half lines, fetched twice when its neighbours run apart)."""
-    batch, channels, height, width = x_BCHW.shape
+def _launch(shape: tuple[int, ...], splits: int, settings: KernelSettings, phase: bool) -> dict[str, object]:
+    """Grid and shape arguments of a kernel over a (B, C, H, W) map: one program per (image, split, channel
+    block), the channel blocks of one pixel range adjacent (they share its cache lines: a 160-channel row
+    is 320 bytes, a 32-channel block reads half lines, fetched twice when its neighbours run apart);
+    ``phase``: the map is read from its phase form (:func:`interleave_phases`)."""
+    batch, channels, height, width = shape
     pixels = height * width
     block_c = block_channels(channels)
     blocks = -(-channels // block_c)
     return dict(grid=(blocks * batch * splits,), pixels=pixels, channels=channels, split_pixels=pixels // splits,
-                splits=splits, channel_blocks=blocks, BLOCK_P=tile_pixels(pixels // splits, settings),
-                BLOCK_C=block_c, STAGES=settings.stages, num_warps=settings.warps)
+                splits=splits, channel_blocks=blocks, width=width, grid_side=width // 2 + 1, PHASE=phase,
+                BLOCK_P=tile_pixels(pixels // splits, settings), BLOCK_C=block_c, STAGES=settings.stages,
+                num_warps=settings.warps)
+
+
+def map_shape(x_BCHW: torch.Tensor, phase: bool) -> tuple[int, int, int, int]:
+    """The (B, C, H, W) shape of the map ``x`` holds (its phase form if ``phase``)."""
+    return phase_shape(x_BCHW) if phase else tuple(x_BCHW.shape)
 
 
 def _check_layout(*tensors: torch.Tensor | None) -> None:
@@ -261,25 +332,28 @@ def channel_moments(
     *,
     write: bool = False,
     splits: int | None = None,
+    phase: bool = False,
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """Moments of v = x (+ h) (+ bias) per image, split and channel: (out, mean (B, S, C), m2 (B, S, C)).
 
     ``x``/``h``: (B, C, H, W) channels-last; ``bias_C`` broadcast over pixels. Each of the S equal splits of
     an image's pixels (default :func:`pixel_splits`) gets the float32 mean and the sum of squared deviations
     from it. ``write``: v is also returned in x's dtype (``out``, channels-last) and the moments are those of
-    the stored (rounded) values; else ``out`` is None.
+    the stored (rounded) values; else ``out`` is None. ``phase``: x holds the phase form of the map
+    (:func:`interleave_phases`; ``out`` is then the interleaved map).
     """
-    batch, channels = x_BCHW.shape[:2]
+    shape = map_shape(x_BCHW, phase)
+    batch, channels = shape[:2]
     settings = ADD_MOMENTS if write else MOMENTS
-    splits = _checked_splits(splits, x_BCHW, settings)
+    splits = _checked_splits(splits, shape, settings)
     if not _use_kernels(x_BCHW):
-        return moments_reference(x_BCHW, h_BCHW, bias_C, write, splits)
+        return moments_reference(x_BCHW, h_BCHW, bias_C, write, splits, phase)
     _check_layout(x_BCHW, h_BCHW)
-    out_BCHW = torch.empty_like(x_BCHW, memory_format=torch.channels_last) if write else None
+    out_BCHW = _empty_map(x_BCHW, shape) if write else None
     mean_BSC = torch.empty(batch, splits, channels, dtype=torch.float32, device=x_BCHW.device)
     m2_BSC = torch.empty_like(mean_BSC)
     bias = bias_C.float().contiguous() if bias_C is not None else mean_BSC
-    launch = _launch(x_BCHW, splits, settings)
+    launch = _launch(shape, splits, settings, phase)
     _moments_kernel[launch.pop("grid")](x_BCHW, h_BCHW if h_BCHW is not None else x_BCHW, bias,
                                         out_BCHW if write else x_BCHW, mean_BSC, m2_BSC, **launch,
                                         HAS_H=h_BCHW is not None, HAS_BIAS=bias_C is not None, WRITE=write)
@@ -287,15 +361,17 @@ def channel_moments(
 
 
 def scale_shift_act(x_BCHW: torch.Tensor, scale_BC: torch.Tensor, shift_BC: torch.Tensor, *, silu: bool = True,
-                    splits: int | None = None) -> torch.Tensor:
+                    splits: int | None = None, phase: bool = False) -> torch.Tensor:
     """x·scale + shift per (image, channel), then SiLU if ``silu``: (B, C, H, W) channels-last in x's dtype
-    (computed in float32; ``scale_BC``/``shift_BC`` float32)."""
+    (computed in float32; ``scale_BC``/``shift_BC`` float32). ``phase``: x holds the phase form of the map
+    (:func:`interleave_phases`)."""
     if not _use_kernels(x_BCHW):
-        return scale_shift_act_reference(x_BCHW, scale_BC, shift_BC, silu)
+        return scale_shift_act_reference(x_BCHW, scale_BC, shift_BC, silu, phase)
     _check_layout(x_BCHW)
-    splits = _checked_splits(splits, x_BCHW, SCALE_SHIFT)
-    out_BCHW = torch.empty_like(x_BCHW, memory_format=torch.channels_last)
-    launch = _launch(x_BCHW, splits, SCALE_SHIFT)
+    shape = map_shape(x_BCHW, phase)
+    splits = _checked_splits(splits, shape, SCALE_SHIFT)
+    out_BCHW = _empty_map(x_BCHW, shape)
+    launch = _launch(shape, splits, SCALE_SHIFT, phase)
     _scale_shift_act_kernel[launch.pop("grid")](x_BCHW, scale_BC.float().contiguous(), shift_BC.float().contiguous(),
                                                 out_BCHW, **launch, SILU=silu)
     return out_BCHW
@@ -332,42 +408,54 @@ def group_scale_shift(
 @dataclass
 class _Activation:
     """A tensor between decoder layers: ``stored`` (channels-last) + ``bias`` (float32 (C,) not yet added,
-    or None), and, once computed, the moments of that sum (:func:`channel_moments`)."""
+    or None), and, once computed, the moments of that sum (:func:`channel_moments`). ``phase``: ``stored``
+    is the phase form of the map (:func:`interleave_phases`), which the kernels read in place."""
 
     stored: torch.Tensor
     bias: torch.Tensor | None = None
     moments: tuple[torch.Tensor, torch.Tensor, int] | None = None  # (mean (B, S, C), m2 (B, S, C), pixels/split)
+    phase: bool = False
 
     @classmethod
-    def sum_of(cls, x_BCHW: torch.Tensor, h_BCHW: torch.Tensor | None, bias_C: torch.Tensor | None) -> _Activation:
-        """x (+ h) (+ bias) written out in one pass, with its moments."""
-        out_BCHW, mean_BSC, m2_BSC = channel_moments(x_BCHW, h_BCHW, bias_C, write=True)
-        return cls(out_BCHW, None, (mean_BSC, m2_BSC, _split_pixels(out_BCHW, mean_BSC)))
+    def sum_of(cls, x_BCHW: torch.Tensor, h_BCHW: torch.Tensor | None, bias_C: torch.Tensor | None,
+               phase: bool = False) -> _Activation:
+        """x (+ h) (+ bias) written out in one pass, with its moments (x in its phase form if ``phase``)."""
+        out_BCHW, mean_BSC, m2_BSC = channel_moments(x_BCHW, h_BCHW, bias_C, write=True, phase=phase)
+        return cls(out_BCHW, None, (mean_BSC, m2_BSC, _split_pixels(out_BCHW.shape, mean_BSC)))
 
     def with_moments(self) -> _Activation:
         if self.moments is None:
-            _, mean_BSC, m2_BSC = channel_moments(self.stored, None, self.bias)
-            self.moments = (mean_BSC, m2_BSC, _split_pixels(self.stored, mean_BSC))
+            _, mean_BSC, m2_BSC = channel_moments(self.stored, None, self.bias, phase=self.phase)
+            self.moments = (mean_BSC, m2_BSC, _split_pixels(map_shape(self.stored, self.phase), mean_BSC))
         return self
 
     def materialized(self) -> torch.Tensor:
-        """The tensor with its bias added (convolutions with zero padding need it: a bias is no constant
-        through their borders)."""
-        if self.bias is not None:
-            summed = _Activation.sum_of(self.stored, None, self.bias)
-            self.stored, self.bias, self.moments = summed.stored, None, summed.moments
+        """The map with its bias added (convolutions with zero padding need it: a bias is no constant
+        through their borders), interleaved if held in its phase form."""
+        if self.bias is not None or self.phase:
+            summed = _Activation.sum_of(self.stored, None, self.bias, self.phase)
+            self.stored, self.bias, self.moments, self.phase = summed.stored, None, summed.moments, False
         return self.stored
 
 
-def _split_pixels(x_BCHW: torch.Tensor, mean_BSC: torch.Tensor) -> int:
-    return x_BCHW.shape[2] * x_BCHW.shape[3] // mean_BSC.shape[1]
+def _reads_in_place(decoder: nn.Sequential, i: int) -> bool:
+    """Whether layer ``i`` of ``decoder`` reads its input only through the fused kernels (a residual block
+    whose skip is the identity: its norm, and its residual add), so an upsample before it can leave its
+    map in phase form; a 1×1 skip conv or any other layer needs the map interleaved in memory."""
+    from medaug.models.vqvae import ResnetBlock
+
+    return i < len(decoder) and isinstance(decoder[i], ResnetBlock) and isinstance(decoder[i].skip, nn.Identity)
+
+
+def _split_pixels(shape: tuple[int, ...], mean_BSC: torch.Tensor) -> int:
+    return shape[2] * shape[3] // mean_BSC.shape[1]
 
 
 def _normalized(norm: nn.GroupNorm, x: _Activation, silu: bool) -> torch.Tensor:
     """GroupNorm ``norm`` (then SiLU) of ``x`` in one pass over it."""
     mean_BSC, m2_BSC, split_pixels = x.with_moments().moments
     scale_BC, shift_BC = group_scale_shift(norm, mean_BSC, m2_BSC, split_pixels, x.bias)
-    return scale_shift_act(x.stored, scale_BC, shift_BC, silu=silu)
+    return scale_shift_act(x.stored, scale_BC, shift_BC, silu=silu, phase=x.phase)
 
 
 def _conv(conv: nn.Conv2d, x_BCHW: torch.Tensor, weight: torch.Tensor | None = None) -> _Activation:
@@ -401,10 +489,18 @@ class FusedDecodePath(nn.Module):
     """
 
     def __init__(self, post_quant_conv: nn.Conv2d, decoder: nn.Sequential,
-                 out_channel_multiple: int = OUT_CHANNEL_MULTIPLE):
+                 out_channel_multiple: int = OUT_CHANNEL_MULTIPLE, phase_upsample: bool = True):
+        from medaug.models.vqvae import FoldedUpsample
+
         super().__init__()
         self.post_quant_conv = post_quant_conv
         self.decoder = decoder
+        # phase-form weights of the folded upsamples whose map only the fused kernels read (layer index → weight)
+        self.phase_weights = nn.ParameterDict({
+            str(i): nn.Parameter(phase_weight(layer.weight.detach()).contiguous(memory_format=torch.channels_last),
+                                 requires_grad=False)
+            for i, layer in enumerate(decoder)
+            if phase_upsample and isinstance(layer, FoldedUpsample) and _reads_in_place(decoder, i + 1)})
         last = decoder[-1] if len(decoder) else None
         self.out_weight = None  # the output conv's weight with zero rows up to a multiple of output channels
         if isinstance(last, nn.Conv2d) and last.groups == 1 and last.out_channels % out_channel_multiple:
@@ -423,6 +519,9 @@ class FusedDecodePath(nn.Module):
             fuse_silu = isinstance(layer, nn.GroupNorm) and i + 1 < len(layers) and isinstance(layers[i + 1], nn.SiLU)
             if i == len(layers) - 1 and self.out_weight is not None:  # the bias add below writes its channels
                 x = _conv(layer, x.materialized(), self.out_weight)
+            elif str(i) in self.phase_weights:  # the 2×2 conv at each phase; the kernels interleave as they read
+                y_BQHW = F.conv2d(x.materialized(), self.phase_weights[str(i)], None, 1, 1)
+                x = _Activation(y_BQHW.contiguous(memory_format=torch.channels_last), _bias(layer), phase=True)
             else:
                 x = self._layer(layer, x, fuse_silu)
             i += 2 if fuse_silu else 1
@@ -457,18 +556,22 @@ class FusedDecodePath(nn.Module):
         h1 = _conv(block.conv1, _normalized(block.norm1, x, silu=True))
         h2 = _conv(block.conv2, _normalized(block.norm2, h1, silu=True))
         if isinstance(block.skip, nn.Conv2d):  # 1×1, no padding: skip(stored + b) = skip(stored) + W·b
+            if x.phase:
+                x.materialized()
             skip = _conv(block.skip, x.stored)
             if x.bias is not None:
                 skip.bias = skip.bias + block.skip.weight.detach().float()[:, :, 0, 0] @ x.bias
         else:
             skip = x
-        return _Activation.sum_of(skip.stored, h2.stored, _add_bias(skip.bias, h2.bias))
+        return _Activation.sum_of(skip.stored, h2.stored, _add_bias(skip.bias, h2.bias), skip.phase)
 
     @staticmethod
     def _attention(attention: nn.Module, x: _Activation) -> _Activation:
         """x + proj(softmax(q·kᵀ/√C)·v) over all positions, q·kᵀ and p·v as batched GEMMs (float32 softmax)."""
         from medaug.models.vqvae import gemm_attention
 
+        if x.phase:
+            x.materialized()
         batch, channels, height, width = x.stored.shape
         h_BNC = _normalized(attention.norm, x, silu=False).permute(0, 2, 3, 1).reshape(batch, height * width, channels)
         qkv_weight = attention.qkv.weight.view(3 * channels, channels)

@@ -549,6 +549,19 @@ class _DecodePath(nn.Module):
         return self.decoder(self.post_quant_conv(f_hat_BCHW))
 
 
+GRAPH_MAX_ROWS = 2
+"""Rows (images, one image padded to two) up to which the compiled small-batch decode replays a CUDA graph."""
+
+
+@dataclass
+class _DecodeGraph:
+    """A captured decode of a fixed number of rows: copy into ``input``, replay, read ``output``."""
+
+    graph: Any
+    input: torch.Tensor
+    output: torch.Tensor
+
+
 DECODE_BYTES_PER_PIXEL_CHANNEL = 8
 """Peak bytes per pixel × base channel of one decoded image per byte of dtype (measured ≤ 6, with margin)."""
 
@@ -583,9 +596,15 @@ class FastDecoder:
     of at least ``channel_stats_min_batch`` images through :class:`~medaug.models.fused_decode.FusedDecodePath`
     instead (GroupNorm, SiLU and residual adds in Triton kernels beside cuDNN convolutions, uncompiled; it
     replaces the per-channel-statistics path; ``padded_output``, default on, runs its output conv with
-    zero-padded output channels, :data:`~medaug.models.fused_decode.OUT_CHANNEL_MULTIPLE`): at batch 256 on
+    zero-padded output channels, :data:`~medaug.models.fused_decode.OUT_CHANNEL_MULTIPLE`; ``phase_upsample``,
+    default on, runs a folded upsample whose map only its kernels read in its phase form,
+    :class:`~medaug.models.fused_decode.FusedDecodePath`): at batch 256 on
     the H200 1,013, 1,001 and 979 images/s against the compiled path's 991, 986 and 958 in the same runs,
     with no ~55 s compile (session 8, ``results/sample-h200-session8.json``).
+    ``small_graph`` (default: when compiled on CUDA) replays the compiled path for one or two images from a
+    CUDA graph, captured on the second call at that size: the one-image decode is bound by kernel launches
+    (~300 small kernels; 3.6-9.9 ms for the same code on different hosts in session 9), a replay is one
+    launch, and it runs the same kernels on the same shapes, so it decodes exactly as without it.
     With float32 weights and every option off it computes exactly :meth:`VQVAE.decode`.
     On CUDA it turns on ``torch.backends.cudnn.benchmark`` (convolution algorithms picked per shape).
     """
@@ -605,6 +624,8 @@ class FastDecoder:
         channel_stats_min_batch: int = 32,
         max_chunk: int = 256,
         padded_output: bool = True,
+        phase_upsample: bool = True,
+        small_graph: bool | None = None,
     ):
         self.config = vqvae.config
         self.device = vqvae.post_quant_conv.weight.device
@@ -622,6 +643,9 @@ class FastDecoder:
             fused_norm = fused_default(self.device)
         self.fused_norm = fused_norm
         self.padded_output = padded_output
+        self.phase_upsample = phase_upsample
+        self.small_graph = (cuda and self.compiled) if small_graph is None else small_graph
+        self._graphs: dict[int, _DecodeGraph] = {}
         default_stats = cuda and self.compiled and not fused_norm
         self.channel_stats_norm = default_stats if channel_stats_norm is None else channel_stats_norm
         self.channel_stats_min_batch = channel_stats_min_batch
@@ -662,7 +686,8 @@ class FastDecoder:
             log.warning("fused_norm: Triton is not installed; the fused decode path runs its torch reference")
         path = self._decode_path(vqvae, None)
         multiple = OUT_CHANNEL_MULTIPLE if self.padded_output else 1
-        return FusedDecodePath(path.post_quant_conv, path.decoder, multiple).eval().to(memory_format=torch.channels_last)
+        path = FusedDecodePath(path.post_quant_conv, path.decoder, multiple, self.phase_upsample)
+        return path.eval().to(memory_format=torch.channels_last)
 
     def chunk_size(self) -> int:
         """Images per decoder call (class docstring): at most ``max_chunk``; on CUDA what fits in a third of
@@ -710,7 +735,36 @@ class FastDecoder:
             x_BCHW = x_BCHW.contiguous(memory_format=torch.channels_last)
         if self.compiled:
             torch._dynamo.maybe_mark_dynamic(x_BCHW, 0)
+        if self.small_graph and forward is self._forward and rows <= GRAPH_MAX_ROWS and x_BCHW.is_cuda:
+            return self._replayed(forward, x_BCHW)[:batch]
         return forward(x_BCHW)[:batch]
+
+    def _replayed(self, forward: Any, x_BCHW: torch.Tensor) -> torch.Tensor:
+        """``forward(x)`` from the CUDA graph of its row count: the first call runs it (compiling it and picking
+        cuDNN's algorithms outside any capture) and captures the graph for the next ones."""
+        graph = self._graphs.get(x_BCHW.shape[0])
+        if graph is None:
+            out_BCHW = forward(x_BCHW)
+            self._graphs[x_BCHW.shape[0]] = self._capture(forward, x_BCHW)
+            return out_BCHW
+        graph.input.copy_(x_BCHW)
+        graph.graph.replay()
+        return graph.output.clone()
+
+    @staticmethod
+    def _capture(forward: Any, x_BCHW: torch.Tensor) -> _DecodeGraph:
+        static_BCHW = x_BCHW.clone()
+        torch._dynamo.maybe_mark_dynamic(static_BCHW, 0)  # as the calls it replaces: no recompilation
+        current = torch.cuda.current_stream(x_BCHW.device)
+        stream = torch.cuda.Stream(x_BCHW.device)
+        stream.wait_stream(current)
+        with torch.cuda.stream(stream):  # warm-up off the capture, as CUDA graphs need
+            forward(static_BCHW)
+        current.wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out_BCHW = forward(static_BCHW)
+        return _DecodeGraph(graph, static_BCHW, out_BCHW)
 
     def _path_for(self, batch: int) -> tuple[Any, int]:
         """The (compiled) decode path for a chunk of ``batch`` images and the rows to run it on: the fused path

@@ -60,6 +60,43 @@ def test_fused_decode_path_in_float32_is_the_decode_path(fold):
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
 
 
+def test_phase_form_is_the_upsample():
+    # an independent path: nearest ×2 then the 3×3 conv (Upsample), against its folded transposed conv and
+    # against the phase form (2×2 conv on the 1-padded input with 4·C outputs, interleaved)
+    from medaug.models.vqvae import FoldedUpsample, Upsample
+
+    torch.manual_seed(27)
+    upsample = Upsample(6)
+    x_BCHW = torch.randn(2, 6, 5, 5, dtype=torch.float64)
+    upsample = upsample.double()
+    with torch.no_grad():
+        expected = upsample(x_BCHW)
+        folded = FoldedUpsample(upsample)
+        weight = fd.phase_weight(folded.weight)
+        assert weight.shape == (4 * 6, 6, 2, 2)
+        y_BQHW = F.conv2d(x_BCHW, weight, None, 1, 1) + folded.bias.repeat(4)[:, None, None]
+        assert fd.phase_shape(y_BQHW) == (2, 6, 10, 10)
+        torch.testing.assert_close(fd.interleave_phases(y_BQHW), expected)
+
+
+def test_the_phase_form_is_kept_only_where_the_kernels_alone_read_the_map():
+    # widths 16-16-32-32-64: the upsamples into 64-wide-at-8² and 16-wide-at-64² feed blocks of equal width
+    # (identity skips); the other two feed blocks with a 1×1 skip conv, which needs the map in memory
+    from medaug.models.vqvae import FoldedUpsample, ResnetBlock
+
+    vqvae = _vqvae()
+    path = _fused_path(vqvae, fold=True)
+    layers = list(path.decoder)
+    folded = [i for i, layer in enumerate(layers) if isinstance(layer, FoldedUpsample)]
+    identity = [i for i in folded if isinstance(layers[i + 1], ResnetBlock) and isinstance(layers[i + 1].skip,
+                                                                                          torch.nn.Identity)]
+    assert len(folded) == 4 and len(identity) == 2
+    assert sorted(int(key) for key in path.phase_weights) == identity
+    plain = fd.FusedDecodePath(copy.deepcopy(vqvae.post_quant_conv), fold_upsamples(copy.deepcopy(vqvae.decoder)),
+                               phase_upsample=False)
+    assert len(plain.phase_weights) == 0
+
+
 def _moments_numpy(v_BCHW: np.ndarray, splits: int) -> tuple[np.ndarray, np.ndarray]:
     """Per image, split of the row-major pixels, and channel: mean and sum of squared deviations (float64)."""
     batch, channels = v_BCHW.shape[:2]
@@ -175,6 +212,25 @@ def interpreted_errors() -> dict[str, float]:
             for silu in (True, False):
                 out = fd.scale_shift_act(x, scale, shift, silu=silu, splits=splits)
                 errors[f"scale_shift_silu{int(silu)}_{tag}"] = rel(out, fd.scale_shift_act_reference(x, scale, shift, silu))
+        # the phase form of an upsampled map (4·C channels on an (S + 1)² grid), read in place
+        for channels, side, splits in ((24, 4, 2), (160, 8, 1)):
+            y = _channels_last(torch.randn(2, 4 * channels, side + 1, side + 1, generator=generator) * 2 + 0.5)
+            h = _channels_last(torch.randn(2, channels, 2 * side, 2 * side, generator=generator))
+            bias = torch.randn(channels, generator=generator)
+            scale = torch.rand(2, channels, generator=generator) + 0.5
+            shift = torch.randn(2, channels, generator=generator)
+            tag = f"phase_{channels}x{side}/{splits}"
+            for name, args in (("moments", (None, bias, False)), ("add_moments", (h, bias, True))):
+                out, mean, m2 = fd.channel_moments(y, args[0], args[1], write=args[2], splits=splits, phase=True)
+                out_ref, mean_ref, m2_ref = fd.moments_reference(fd.interleave_phases(y), args[0], args[1], args[2],
+                                                                 splits)
+                errors[f"{name}_mean_{tag}"] = rel(mean, mean_ref)
+                errors[f"{name}_m2_{tag}"] = rel(m2, m2_ref)
+                if out_ref is not None:
+                    errors[f"{name}_out_{tag}"] = rel(out, out_ref)
+            out = fd.scale_shift_act(y, scale, shift, silu=True, splits=splits, phase=True)
+            errors[f"scale_shift_{tag}"] = rel(out, fd.scale_shift_act_reference(fd.interleave_phases(y), scale, shift,
+                                                                                 True))
         vqvae = _randomized(_vqvae())
         f_hat_BCHW = torch.randn(2, 8, 4, 4, generator=generator)
         with torch.no_grad():
@@ -199,6 +255,6 @@ def run_interpreted(module: str, function: str) -> Any:
 @pytest.mark.skipif(not fd.triton_available(), reason="Triton is not installed (CI installs it with the test extra)")
 def test_triton_kernels_compute_their_references_in_the_interpreter():
     errors = run_interpreted("tests.models.test_fused_decode", "interpreted_errors")
-    assert len(errors) == 3 * 9 + 1
+    assert len(errors) == 3 * 9 + 2 * 6 + 1
     bad = {name: error for name, error in errors.items() if not error < 1e-5}  # NaN (unwritten) fails too
     assert not bad, bad

@@ -98,15 +98,19 @@ def _compile_cases() -> list[tuple[str, object, dict[str, str], dict[str, object
            {"qkv_ptr": "*bf16", "scale_ptr": "*fp32", "keys_ptr": "*bf16", "values_ptr": "*bf16", "q_ptr": "*bf16",
             "rows": "i32", "length": "i32", "cache_row_stride": "i64"},
            {"HEADS": 16, "DIM": 64, "BLOCK_M": fs.QKV_ROWS})
-    common = {"pixels": "i32", "channels": "i32", "split_pixels": "i32", "splits": "i32", "channel_blocks": "i32"}
-    moments = ("moments", fd._moments_kernel,
-               {"x_ptr": "*bf16", "h_ptr": "*bf16", "bias_ptr": "*fp32", "out_ptr": "*bf16", "mean_ptr": "*fp32",
-                "m2_ptr": "*fp32", **common},
-               {"HAS_H": True, "HAS_BIAS": True, "WRITE": True, "BLOCK_P": 128, "BLOCK_C": 32, "STAGES": 3})
-    scale_shift = ("scale_shift_act", fd._scale_shift_act_kernel,
-                   {"x_ptr": "*bf16", "scale_ptr": "*fp32", "shift_ptr": "*fp32", "out_ptr": "*bf16", **common},
-                   {"SILU": True, "BLOCK_P": 256, "BLOCK_C": 32, "STAGES": 1})
-    return [qkv, moments, scale_shift]
+    common = {"pixels": "i32", "channels": "i32", "split_pixels": "i32", "splits": "i32", "channel_blocks": "i32",
+              "width": "i32", "grid_side": "i32"}
+    cases = [qkv]
+    for phase in (False, True):  # the phase form's address arithmetic is only traced when PHASE is set
+        cases.append((f"moments_phase{int(phase)}", fd._moments_kernel,
+                      {"x_ptr": "*bf16", "h_ptr": "*bf16", "bias_ptr": "*fp32", "out_ptr": "*bf16",
+                       "mean_ptr": "*fp32", "m2_ptr": "*fp32", **common},
+                      {"HAS_H": True, "HAS_BIAS": True, "WRITE": True, "PHASE": phase, "BLOCK_P": 128, "BLOCK_C": 32,
+                       "STAGES": 3}))
+        cases.append((f"scale_shift_act_phase{int(phase)}", fd._scale_shift_act_kernel,
+                      {"x_ptr": "*bf16", "scale_ptr": "*fp32", "shift_ptr": "*fp32", "out_ptr": "*bf16", **common},
+                      {"SILU": True, "PHASE": phase, "BLOCK_P": 256, "BLOCK_C": 32, "STAGES": 1}))
+    return cases
 
 
 @pytest.mark.skipif(not fd.triton_available(), reason="Triton is not installed (CI installs it with the test extra)")
