@@ -1172,6 +1172,35 @@ def upsample_phase_conv(vqvae: VQVAE, decoder: FastDecoder, device: torch.device
     return rows
 
 
+@torch.no_grad()
+def part_r(report: Report, device: torch.device, smoke: bool, deadline: float) -> None:
+    """Decoder chunks of many sizes, as a run's redraw batches come: the first and a warm call at each size
+    with the fused path's rows padded to a multiple of 32 (the default) and without (other sizes, since cuDNN's
+    per-shape algorithm cache is shared by the process)."""
+    _, vqvae = build_models("d16", device, smoke)
+    f_hat_BCHW = random_features(vqvae, 256 if not smoke else 40, device)
+    sizes = {"padded": (161, 167, 173, 179, 185, 191), "unpadded": (162, 168, 174, 180, 186, 190)}
+    if smoke:
+        sizes = {"padded": (33, 35), "unpadded": (34, 36)}
+    result: dict[str, Any] = {}
+    for name, padded in (("padded", True), ("unpadded", False)):
+        decoder = FastDecoder(vqvae, padded_rows=padded)
+        decoder.decode(f_hat_BCHW[:64])  # Triton kernels compiled, outside the timings
+        sync(device)
+        rows = []
+        for size in sizes[name]:
+            start = time.perf_counter()
+            decoder.decode(f_hat_BCHW[:size])
+            sync(device)
+            first = time.perf_counter() - start
+            rows.append({"size": size, "first_s": round(first, 3),
+                         "warm_ms": round(1000 * timed(lambda n=size: decoder.decode(f_hat_BCHW[:n]), device, 3), 1)})
+        result[name] = {"sizes": rows, "first_calls_s": round(sum(row["first_s"] for row in rows), 2)}
+        report.put("redraw_sizes", result)
+        del decoder
+        free_memory(device)
+
+
 def part_q(report: Report, device: torch.device, smoke: bool, deadline: float) -> None:
     """The sampler's Triton kernel (medaug.models.fused_sample) alone against the compiled function it
     replaces, with checks and a launch-setting sweep, then d16 tokens at batch 256 with it on and off and one
@@ -1279,13 +1308,13 @@ def part_p(report: Report, device: torch.device, smoke: bool, deadline: float) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=("a", "b", "s", "p", "f", "d", "g", "k", "q", "c", "o", "t"), required=True,
+    parser.add_argument("--part", choices=("a", "b", "s", "p", "f", "d", "g", "k", "q", "c", "o", "t", "r"), required=True,
                         help="a: d16, b: d30, "
                         "s: streamed d16 and the max-autotune decoder, p: kernel profiles of d16 tokens and the decoder, "
                         "f: the shipped defaults, d16 then d30 (part_f), d: decoder by batch size, then d16 and d30 "
                         "(part_d), g: decoder variants in three rounds each (part_g), k: the fused decoder's kernels (part_k), q: the sampler's kernels (part_q), c: the decoder's convolutions one by one (part_c), o: one image and small chunks, shipped "
                         "decoder against the fused path from one image (part_o), t: the decoder's device timeline, a CUDA graph of it, "
-                        "and the upsamples' phase form (part_t)")
+                        "and the upsamples' phase form (part_t), r: decoder chunks of many sizes, rows padded or not (part_r)")
     parser.add_argument("--smoke", action="store_true", help="tiny models (checks the script on the CPU)")
     parser.add_argument("--deadline-s", type=float, default=480.0, help="skip what would not finish by then")
     parser.add_argument("--json-out", type=Path, default=None)
@@ -1304,7 +1333,7 @@ def main() -> None:
                     commit=os.environ.get("MEDAUG_COMMIT") or common.commit()["commit"])
     report.put("cudnn_benchmark_limit", torch.backends.cudnn.benchmark_limit)
     {"a": part_a, "b": part_b, "s": part_s, "p": part_p, "f": part_f, "d": part_d,
-     "g": part_g, "k": part_k, "q": part_q, "c": part_c, "o": part_o, "t": part_t}[args.part](report, device, args.smoke, args.deadline_s)
+     "g": part_g, "k": part_k, "q": part_q, "c": part_c, "o": part_o, "t": part_t, "r": part_r}[args.part](report, device, args.smoke, args.deadline_s)
     report.put("wall_s", round(time.perf_counter() - START, 1))
 
 

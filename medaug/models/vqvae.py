@@ -549,6 +549,11 @@ class _DecodePath(nn.Module):
         return self.decoder(self.post_quant_conv(f_hat_BCHW))
 
 
+FUSED_ROW_MULTIPLE = 32
+"""The fused path decodes chunks padded up to a multiple of this many rows (``padded_rows``): cuDNN's
+benchmark searches algorithms once per input shape (~2.5 s for the decoder's convolutions at batch 256 on the
+H200), and a run's redraw batches come in every size."""
+
 GRAPH_MAX_ROWS = 2
 """Rows (images, one image padded to two) up to which the compiled small-batch decode replays a CUDA graph."""
 
@@ -601,6 +606,9 @@ class FastDecoder:
     :class:`~medaug.models.fused_decode.FusedDecodePath`): at batch 256 on
     the H200 1,013, 1,001 and 979 images/s against the compiled path's 991, 986 and 958 in the same runs,
     with no ~55 s compile (session 8, ``results/sample-h200-session8.json``).
+    ``padded_rows`` (default on) pads the fused path's chunks to a multiple of :data:`FUSED_ROW_MULTIPLE` rows
+    (copies of the last image; each image decodes on its own), so chunks of many sizes share a few shapes and
+    cuDNN's per-shape algorithm search.
     ``small_graph`` (default: when compiled on CUDA) replays the compiled path for one or two images from a
     CUDA graph, captured on the second call at that size: the one-image decode is bound by kernel launches
     (~300 small kernels; 3.6-9.9 ms for the same code on different hosts in session 9), a replay is one
@@ -626,6 +634,7 @@ class FastDecoder:
         padded_output: bool = True,
         phase_upsample: bool = True,
         small_graph: bool | None = None,
+        padded_rows: bool = True,
     ):
         self.config = vqvae.config
         self.device = vqvae.post_quant_conv.weight.device
@@ -645,6 +654,7 @@ class FastDecoder:
         self.padded_output = padded_output
         self.phase_upsample = phase_upsample
         self.small_graph = (cuda and self.compiled) if small_graph is None else small_graph
+        self.padded_rows = padded_rows
         self._graphs: dict[int, _DecodeGraph] = {}
         default_stats = cuda and self.compiled and not fused_norm
         self.channel_stats_norm = default_stats if channel_stats_norm is None else channel_stats_norm
@@ -768,11 +778,14 @@ class FastDecoder:
 
     def _path_for(self, batch: int) -> tuple[Any, int]:
         """The (compiled) decode path for a chunk of ``batch`` images and the rows to run it on: the fused path
-        (if ``fused_norm``) or else per-channel statistics from ``channel_stats_min_batch`` images on, torch's
+        (if ``fused_norm``; rows padded if ``padded_rows``) or else per-channel statistics from ``channel_stats_min_batch`` images on, torch's
         GroupNorm below (by configuration alone, so a batch decodes the same whatever ran before). Compiled, a single image is padded to two
         (a size-1 batch would be specialised: compile once)."""
         if self.fused_path is not None and batch >= self.channel_stats_min_batch:
-            return self.fused_path, batch
+            if not self.padded_rows:
+                return self.fused_path, batch
+            return self.fused_path, max(batch, min(-(-batch // FUSED_ROW_MULTIPLE) * FUSED_ROW_MULTIPLE,
+                                                   self.chunk_size()))
         rows = 2 if self.compiled and batch == 1 else batch
         if self._stats_forward is not None and batch >= self.channel_stats_min_batch:
             return self._stats_forward, rows

@@ -72,10 +72,10 @@ decode path (session 8, uncompiled, as fast as the compiled one) decodes chunks 
 planned run compiles nothing by default where that path is the default (its last chunk alone would pay the
 minute); an endless stream (``GeneratorDataset``) still compiles the small-chunk path."""
 LEGACY_DECODER = {"compiled": True, "channel_stats_norm": False, "gemm_attention": False, "fused_norm": False,
-                  "padded_output": False, "phase_upsample": False}
+                  "padded_output": False, "phase_upsample": False, "padded_rows": False}
 """The fast path's decoder in runs whose synthesize.json records none (made before the record existed); a
-record without a key (``gemm_attention``, ``fused_norm``, ``padded_output``, ``phase_upsample``: runs made
-before it was recorded) takes the key's value here."""
+record without a key (``gemm_attention``, ``fused_norm``, ``padded_output``, ``phase_upsample``,
+``padded_rows``: runs made before it was recorded) takes the key's value here."""
 LEGACY_SAMPLER = {"fused_qkv": False}
 """The fast path's sampler in runs whose synthesize.json records none: the compiled q/k normalisation (the
 Triton one of :mod:`medaug.models.fused_sample` rounds differently in bf16)."""
@@ -259,14 +259,16 @@ class SynthGenerator:
                                              gemm_attention=options.get("gemm_attention", True),
                                              fused_norm=options.get("fused_norm", False),
                                              padded_output=options.get("padded_output", False),
-                                             phase_upsample=options.get("phase_upsample", False))
+                                             phase_upsample=options.get("phase_upsample", False),
+                                             padded_rows=options.get("padded_rows", False))
         return self._fast_sampler, self._fast_decoder
 
     def decoder_record(self) -> dict[str, bool] | None:
         """The fast path's decoder settings on CUDA, {"compiled", "channel_stats_norm", "gemm_attention",
-        "fused_norm", "padded_output", "phase_upsample"} (class docstring; ``padded_output``: the fused path's
-        output conv runs zero-padded to 32 channels; ``phase_upsample``: its upsamples into blocks of equal
-        width run in phase form); None where they do not apply (the CPU, where the decoder is exact, or
+        "fused_norm", "padded_output", "phase_upsample", "padded_rows"} (class docstring; ``padded_output``: the
+        fused path's output conv runs zero-padded to 32 channels; ``phase_upsample``: its upsamples into blocks
+        of equal width run in phase form; ``padded_rows``: its chunks are padded to a multiple of 32 rows); None
+        where they do not apply (the CPU, where the decoder is exact, or
         the basic path). New runs decode chunks of 32 images or more through the fused (uncompiled) path where it
         is the default (:func:`~medaug.models.fused_decode.fused_default`); ``compiled`` then only concerns
         smaller chunks."""
@@ -278,7 +280,8 @@ class SynthGenerator:
             decoder = self._fast_decoder
             return {"compiled": decoder.compiled, "channel_stats_norm": decoder.channel_stats_norm,
                     "gemm_attention": decoder.gemm_attention, "fused_norm": decoder.fused_norm,
-                    "padded_output": decoder.padded_output, "phase_upsample": decoder.phase_upsample}
+                    "padded_output": decoder.padded_output, "phase_upsample": decoder.phase_upsample,
+                    "padded_rows": decoder.padded_rows}
         if self._adopted_decoder is not None:
             return dict(self._adopted_decoder)
         fused = fused_default(self.device)
@@ -287,7 +290,7 @@ class SynthGenerator:
             large = self.expected_samples is not None and self.expected_samples >= DECODER_COMPILE_MIN_SAMPLES
             compiled = self.expected_samples is None or (large and not fused)
         return {"compiled": compiled, "channel_stats_norm": compiled and not fused, "gemm_attention": True,
-                "fused_norm": fused, "padded_output": fused, "phase_upsample": fused}
+                "fused_norm": fused, "padded_output": fused, "phase_upsample": fused, "padded_rows": fused}
 
     def adopt_decoder(self, record: dict[str, Any] | None) -> None:
         """Decode as a run recorded (:meth:`decoder_record`; None: a run from before the record, which decoded

@@ -159,11 +159,16 @@ def test_fast_decoder_runs_the_fused_path_from_its_minimum_batch():
     assert decoder.stats_path is None and decoder.fused_path is not None  # the fused path replaces it
     for rows in (4, 1, 3, 2):
         path, run_rows = decoder._path_for(rows)
-        assert (path is decoder.fused_path) == (rows >= 3) and run_rows == rows
+        # fused chunks run padded to a multiple of 32 rows (copies of the last image), the others as they are
+        assert (path is decoder.fused_path) == (rows >= 3) and run_rows == (32 if rows >= 3 else rows)
         image_BCHW, logits_BKHW = decoder.decode(f_hat_BCHW[:rows])
         torch.testing.assert_close(image_BCHW, image_ref[:rows], rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(logits_BKHW, logits_ref[:rows], rtol=1e-4, atol=1e-4)
     assert FastDecoder(vqvae, compile=False).fused_path is None  # off by default on the CPU
+    unpadded = FastDecoder(vqvae, compile=False, fused_norm=True, channel_stats_min_batch=3, padded_rows=False)
+    assert unpadded._path_for(35) == (unpadded.fused_path, 35)
+    capped = FastDecoder(vqvae, compile=False, fused_norm=True, channel_stats_min_batch=3, max_chunk=40)
+    assert [capped._path_for(rows)[1] for rows in (3, 32, 33, 40)] == [32, 32, 40, 40]  # never past a chunk
 
 
 def test_the_fused_path_is_the_default_only_on_gpus_that_run_it(monkeypatch):

@@ -536,9 +536,9 @@ def test_the_decoder_is_compiled_only_for_runs_where_compiling_pays_and_resumes_
     generator.device = torch.device("cuda")  # the rule alone: nothing runs on it
     # with Triton, chunks of 32 or more run the fused path and "compiled" only concerns smaller ones
     compiled = {"compiled": True, "channel_stats_norm": not triton, "gemm_attention": True, "fused_norm": triton,
-                "padded_output": triton, "phase_upsample": triton}
+                "padded_output": triton, "phase_upsample": triton, "padded_rows": triton}
     eager = {"compiled": False, "channel_stats_norm": False, "gemm_attention": True, "fused_norm": triton,
-             "padded_output": triton, "phase_upsample": triton}
+             "padded_output": triton, "phase_upsample": triton, "padded_rows": triton}
     assert generator.decoder_record() == compiled  # a dataset drawing epoch after epoch (GeneratorDataset)
     generator.expected_samples = DECODER_COMPILE_MIN_SAMPLES - 1
     assert generator.decoder_record() == eager
@@ -551,19 +551,23 @@ def test_the_decoder_is_compiled_only_for_runs_where_compiling_pays_and_resumes_
     generator.adopt_decoder(None)  # a run from before the record: as it decoded then
     assert generator.decoder_record() == LEGACY_DECODER == {"compiled": True, "channel_stats_norm": False,
                                                             "gemm_attention": False, "fused_norm": False,
-                                                            "padded_output": False, "phase_upsample": False}
+                                                            "padded_output": False, "phase_upsample": False,
+                                                            "padded_rows": False}
     generator.adopt_decoder(compiled)
     assert generator.decoder_record() == compiled
     generator.adopt_decoder({"compiled": True, "channel_stats_norm": True})  # recorded before gemm_attention
     assert generator.decoder_record() == {"compiled": True, "channel_stats_norm": True, "gemm_attention": False,
-                                          "fused_norm": False, "padded_output": False, "phase_upsample": False}
+                                          "fused_norm": False, "padded_output": False, "phase_upsample": False,
+                                          "padded_rows": False}
     generator.adopt_decoder({"compiled": False, "channel_stats_norm": False, "gemm_attention": True})  # before fused
-    assert generator.decoder_record() == {**eager, "fused_norm": False, "padded_output": False, "phase_upsample": False}
-    unpadded = {key: value for key, value in eager.items() if key not in ("padded_output", "phase_upsample")}
+    assert generator.decoder_record() == {**eager, "fused_norm": False, "padded_output": False, "phase_upsample": False,
+                                          "padded_rows": False}
+    later = ("padded_output", "phase_upsample", "padded_rows")
+    unpadded = {key: value for key, value in eager.items() if key not in later}
     generator.adopt_decoder(unpadded)  # fused, recorded before the padded output conv
-    assert generator.decoder_record() == {**eager, "padded_output": False, "phase_upsample": False}
-    generator.adopt_decoder({**eager, "phase_upsample": False})  # recorded before the phase-form upsamples
-    assert generator.decoder_record() == {**eager, "phase_upsample": False}
+    assert generator.decoder_record() == {**eager, **dict.fromkeys(later, False)}
+    generator.adopt_decoder({key: value for key, value in eager.items() if key != "padded_rows"})  # before padded rows
+    assert generator.decoder_record() == {**eager, "padded_rows": False}
 
 
 def test_the_fast_path_builds_the_decoder_it_records(tiny_var_run, monkeypatch):
@@ -577,7 +581,7 @@ def test_the_fast_path_builds_the_decoder_it_records(tiny_var_run, monkeypatch):
     generator.adopt_decoder({"compiled": False, "channel_stats_norm": True})  # a record from before gemm_attention
     generator._fast_path()
     assert built == [{"compile": False, "channel_stats_norm": True, "gemm_attention": False, "fused_norm": False,
-                      "padded_output": False, "phase_upsample": False}]
+                      "padded_output": False, "phase_upsample": False, "padded_rows": False}]
 
 
 @pytest.mark.parametrize("triton", [True, False], ids=["with-triton", "without-triton"])
