@@ -655,7 +655,7 @@ class FastDecoder:
         self.phase_upsample = phase_upsample
         self.small_graph = (cuda and self.compiled) if small_graph is None else small_graph
         self.padded_rows = padded_rows
-        self._graphs: dict[int, _DecodeGraph] = {}
+        self._graphs: dict[int, _DecodeGraph | None] = {}  # rows → captured graph (None: capture failed)
         default_stats = cuda and self.compiled and not fused_norm
         self.channel_stats_norm = default_stats if channel_stats_norm is None else channel_stats_norm
         self.channel_stats_min_batch = channel_stats_min_batch
@@ -752,11 +752,18 @@ class FastDecoder:
     def _replayed(self, forward: Any, x_BCHW: torch.Tensor) -> torch.Tensor:
         """``forward(x)`` from the CUDA graph of its row count: the first call runs it (compiling it and picking
         cuDNN's algorithms outside any capture) and captures the graph for the next ones."""
-        graph = self._graphs.get(x_BCHW.shape[0])
-        if graph is None:
+        rows = x_BCHW.shape[0]
+        if rows not in self._graphs:
             out_BCHW = forward(x_BCHW)
-            self._graphs[x_BCHW.shape[0]] = self._capture(forward, x_BCHW)
+            try:
+                self._graphs[rows] = self._capture(forward, x_BCHW)
+            except RuntimeError as error:  # e.g. another thread's CUDA call during the capture: run without
+                log.warning("decoder: no CUDA graph for %d rows (%s); decoding them without one", rows, error)
+                self._graphs[rows] = None
             return out_BCHW
+        graph = self._graphs[rows]
+        if graph is None:
+            return forward(x_BCHW)
         graph.input.copy_(x_BCHW)
         graph.graph.replay()
         return graph.output.clone()
@@ -813,6 +820,8 @@ __all__ = [
     "IGNORE_LABEL",
     "CodeUpsampler",
     "FastDecoder",
+    "FUSED_ROW_MULTIPLE",
+    "GRAPH_MAX_ROWS",
     "ChannelStatsGroupNorm",
     "FoldedUpsample",
     "GemmSelfAttention",

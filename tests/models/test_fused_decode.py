@@ -171,6 +171,53 @@ def test_fast_decoder_runs_the_fused_path_from_its_minimum_batch():
     assert [capped._path_for(rows)[1] for rows in (3, 32, 33, 40)] == [32, 32, 40, 40]  # never past a chunk
 
 
+def test_small_decodes_replay_their_captured_graph_and_run_without_one_when_capture_fails(monkeypatch, caplog):
+    # CUDA graphs need a GPU (the benchmark checks replayed outputs equal the plain ones there); here a stand-in
+    # graph replays the captured function on its static input, to check what the decoder copies in and hands out
+    from medaug.models import vqvae as vqvae_module
+
+    vqvae, f_hat_BCHW, _, _ = _decode_reference(4, seed=28)
+    decoder = FastDecoder(vqvae, compile=False, fused_norm=False, small_graph=True)
+    assert not FastDecoder(vqvae, compile=False).small_graph  # the default: compiled on CUDA only
+    forward, captured = decoder._forward, []
+
+    class StandIn:
+        def __init__(self, static_BCHW, out_BCHW):
+            self.static_BCHW, self.out_BCHW = static_BCHW, out_BCHW
+
+        def replay(self):
+            self.out_BCHW.copy_(forward(self.static_BCHW))
+
+    def capture(function, x_BCHW):
+        static_BCHW = x_BCHW.clone()
+        out_BCHW = function(static_BCHW)
+        captured.append(x_BCHW.shape[0])
+        return vqvae_module._DecodeGraph(StandIn(static_BCHW, out_BCHW), static_BCHW, out_BCHW)
+
+    monkeypatch.setattr(FastDecoder, "_capture", staticmethod(capture))
+    with torch.no_grad():
+        expected = [forward(f_hat_BCHW[i:i + 2]) for i in (0, 2)]
+        first = decoder._replayed(forward, f_hat_BCHW[:2])  # runs it, then captures
+        second = decoder._replayed(forward, f_hat_BCHW[2:])  # replays on the new input
+        third = decoder._replayed(forward, f_hat_BCHW[:2])
+    assert captured == [2]
+    torch.testing.assert_close(first, expected[0])
+    torch.testing.assert_close(second, expected[1])
+    torch.testing.assert_close(third, expected[0])
+    assert third.data_ptr() != decoder._graphs[2].output.data_ptr()  # a copy: the next replay cannot change it
+
+    def failing(function, x_BCHW):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(FastDecoder, "_capture", staticmethod(failing))
+    with torch.no_grad(), caplog.at_level("WARNING"):
+        out = decoder._replayed(forward, f_hat_BCHW[:1])
+        again = decoder._replayed(forward, f_hat_BCHW[:1])
+    assert decoder._graphs[1] is None and "no CUDA graph for 1 rows" in caplog.text
+    torch.testing.assert_close(out, forward(f_hat_BCHW[:1]))
+    torch.testing.assert_close(again, out)
+
+
 def test_the_fused_path_is_the_default_only_on_gpus_that_run_it(monkeypatch):
     assert not fd.fused_default("cpu")
     monkeypatch.setattr(fd, "triton_available", lambda: True)
