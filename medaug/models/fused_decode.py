@@ -219,19 +219,20 @@ def scale_shift_act_reference(x_BCHW: torch.Tensor, scale_BC: torch.Tensor, shif
 if triton is not None:
 
     @triton.jit
-    def _phase_index(image, offs_q, offs_c, channels, width, grid_side):
-        """Where pixel ``offs_q`` (row-major in its (2S, 2S) image) and channel ``offs_c`` of an upsampled map
-        live in its phase form (:func:`interleave_phases`): (B, (2, 2, C), S + 1, S + 1) channels-last."""
+    def _phase_index(image, offs_q, offs_c, channels, width, grid_h, grid_w):
+        """Where pixel ``offs_q`` (row-major in its (2·Sh, 2·Sw) image, ``width`` = 2·Sw) and channel ``offs_c``
+        of an upsampled map live in its phase form (:func:`interleave_phases`): (B, (2, 2, C), Sh + 1, Sw + 1)
+        channels-last, ``grid_h`` = Sh + 1, ``grid_w`` = Sw + 1."""
         out_row = offs_q // width
         out_col = offs_q % width
         phase_row = out_row % 2
         phase_col = out_col % 2
-        source = (image.to(tl.int64) * grid_side + out_row // 2 + phase_row) * grid_side + out_col // 2 + phase_col
+        source = (image.to(tl.int64) * grid_h + out_row // 2 + phase_row) * grid_w + out_col // 2 + phase_col
         return (source * 4 + phase_row * 2 + phase_col)[:, None] * channels + offs_c[None, :]
 
     @triton.jit
     def _moments_kernel(x_ptr, h_ptr, bias_ptr, out_ptr, mean_ptr, m2_ptr, pixels, channels, split_pixels, splits,
-                        channel_blocks, width, grid_side,
+                        channel_blocks, width, grid_h, grid_w,
                         HAS_H: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE: tl.constexpr, PHASE: tl.constexpr,
                         BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, STAGES: tl.constexpr):
         """Program (image·splits + split)·channel_blocks + channel block: moments of x (+ h) (+ bias) over its
@@ -254,7 +255,7 @@ if triton is not None:
             index = offs_p[:, None] * channels + offs_c[None, :]
             if PHASE:
                 offs_q = split * split_pixels + start + tl.arange(0, BLOCK_P)
-                x_index = _phase_index(image, offs_q, offs_c, channels, width, grid_side)
+                x_index = _phase_index(image, offs_q, offs_c, channels, width, grid_h, grid_w)
             else:
                 x_index = index
             v = tl.load(x_ptr + x_index, mask=mask, other=0.0).to(tl.float32)
@@ -279,7 +280,7 @@ if triton is not None:
 
     @triton.jit
     def _scale_shift_act_kernel(x_ptr, scale_ptr, shift_ptr, out_ptr, pixels, channels, split_pixels, splits,
-                                channel_blocks, width, grid_side,
+                                channel_blocks, width, grid_h, grid_w,
                                 SILU: tl.constexpr, PHASE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
                                 STAGES: tl.constexpr):
         """Program (image·splits + split)·channel_blocks + channel block: out = x·scale + shift (then SiLU) over
@@ -298,7 +299,7 @@ if triton is not None:
             index = offs_p[:, None] * channels + offs_c[None, :]
             if PHASE:
                 offs_q = split * split_pixels + start + tl.arange(0, BLOCK_P)
-                x_index = _phase_index(image, offs_q, offs_c, channels, width, grid_side)
+                x_index = _phase_index(image, offs_q, offs_c, channels, width, grid_h, grid_w)
             else:
                 x_index = index
             v = tl.load(x_ptr + x_index, mask=mask, other=0.0).to(tl.float32) * scale + shift
@@ -317,7 +318,7 @@ def _launch(shape: tuple[int, ...], splits: int, settings: KernelSettings, phase
     block_c = block_channels(channels)
     blocks = -(-channels // block_c)
     return dict(grid=(blocks * batch * splits,), pixels=pixels, channels=channels, split_pixels=pixels // splits,
-                splits=splits, channel_blocks=blocks, width=width, grid_side=width // 2 + 1, PHASE=phase,
+                splits=splits, channel_blocks=blocks, width=width, grid_h=height // 2 + 1, grid_w=width // 2 + 1, PHASE=phase,
                 BLOCK_P=tile_pixels(pixels // splits, settings), BLOCK_C=block_c, STAGES=settings.stages,
                 num_warps=settings.warps)
 

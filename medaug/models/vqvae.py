@@ -610,9 +610,12 @@ class FastDecoder:
     (copies of the last image; each image decodes on its own), so chunks of many sizes share a few shapes and
     cuDNN's per-shape algorithm search.
     ``small_graph`` (default: when compiled on CUDA) replays the compiled path for one or two images from a
-    CUDA graph, captured on the second call at that size: the one-image decode is bound by kernel launches
-    (~300 small kernels; 3.6-9.9 ms for the same code on different hosts in session 9), a replay is one
-    launch, and it runs the same kernels on the same shapes, so it decodes exactly as without it.
+    CUDA graph, captured at the end of the first call at that size and replayed from the second on: the
+    one-image decode is bound by kernel launches (~300 small kernels; 3.6-9.9 ms for the same code on
+    different hosts in session 9), a replay is one launch, and it runs the same kernels on the same shapes,
+    so it decodes exactly as without it (checked on the H200: equal outputs; not recorded in synthesize.json
+    for that reason). The graph's input and output buffers are the decoder's own: call one decoder from one
+    stream at a time (``medaug synthesize`` decodes on one stream).
     With float32 weights and every option off it computes exactly :meth:`VQVAE.decode`.
     On CUDA it turns on ``torch.backends.cudnn.benchmark`` (convolution algorithms picked per shape).
     """
@@ -779,15 +782,18 @@ class FastDecoder:
             forward(static_BCHW)
         current.wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # entering synchronizes the device once per row count (a sampler running beside it waits that once);
+        # thread-local: CUDA calls of other threads during the capture neither fail nor break it
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             out_BCHW = forward(static_BCHW)
         return _DecodeGraph(graph, static_BCHW, out_BCHW)
 
     def _path_for(self, batch: int) -> tuple[Any, int]:
         """The (compiled) decode path for a chunk of ``batch`` images and the rows to run it on: the fused path
-        (if ``fused_norm``; rows padded if ``padded_rows``) or else per-channel statistics from ``channel_stats_min_batch`` images on, torch's
-        GroupNorm below (by configuration alone, so a batch decodes the same whatever ran before). Compiled, a single image is padded to two
-        (a size-1 batch would be specialised: compile once)."""
+        (if ``fused_norm``; rows padded if ``padded_rows``) or else per-channel statistics from
+        ``channel_stats_min_batch`` images on, torch's GroupNorm below (by configuration alone, so a batch
+        decodes the same whatever ran before). Compiled, a single image is padded to two (a size-1 batch
+        would be specialised: compile once)."""
         if self.fused_path is not None and batch >= self.channel_stats_min_batch:
             if not self.padded_rows:
                 return self.fused_path, batch

@@ -265,13 +265,14 @@ def interpreted_errors() -> dict[str, float]:
                 out = fd.scale_shift_act(x, scale, shift, silu=silu, splits=splits)
                 errors[f"scale_shift_silu{int(silu)}_{tag}"] = rel(out, fd.scale_shift_act_reference(x, scale, shift, silu))
         # the phase form of an upsampled map (4·C channels on an (S + 1)² grid), read in place
-        for channels, side, splits in ((24, 4, 2), (160, 8, 1)):
-            y = _channels_last(torch.randn(2, 4 * channels, side + 1, side + 1, generator=generator) * 2 + 0.5)
-            h = _channels_last(torch.randn(2, channels, 2 * side, 2 * side, generator=generator))
+        # (rows, columns) of the half-size grid; 3 images and non-square maps check the per-image strides
+        for channels, (side_h, side_w), splits, batch in ((24, (4, 4), 2, 2), (160, (8, 8), 1, 2), (16, (3, 5), 3, 3)):
+            y = _channels_last(torch.randn(batch, 4 * channels, side_h + 1, side_w + 1, generator=generator) * 2 + 0.5)
+            h = _channels_last(torch.randn(batch, channels, 2 * side_h, 2 * side_w, generator=generator))
             bias = torch.randn(channels, generator=generator)
-            scale = torch.rand(2, channels, generator=generator) + 0.5
-            shift = torch.randn(2, channels, generator=generator)
-            tag = f"phase_{channels}x{side}/{splits}"
+            scale = torch.rand(batch, channels, generator=generator) + 0.5
+            shift = torch.randn(batch, channels, generator=generator)
+            tag = f"phase_{channels}x{side_h}x{side_w}/{splits}"
             for name, args in (("moments", (None, bias, False)), ("add_moments", (h, bias, True))):
                 out, mean, m2 = fd.channel_moments(y, args[0], args[1], write=args[2], splits=splits, phase=True)
                 out_ref, mean_ref, m2_ref = fd.moments_reference(fd.interleave_phases(y), args[0], args[1], args[2],
@@ -284,10 +285,11 @@ def interpreted_errors() -> dict[str, float]:
             errors[f"scale_shift_{tag}"] = rel(out, fd.scale_shift_act_reference(fd.interleave_phases(y), scale, shift,
                                                                                  True))
         vqvae = _randomized(_vqvae())
-        f_hat_BCHW = torch.randn(2, 8, 4, 4, generator=generator)
-        with torch.no_grad():
-            expected = vqvae.decoder(vqvae.post_quant_conv(f_hat_BCHW))
-            errors["decode_path"] = rel(_fused_path(vqvae, fold=True)(f_hat_BCHW), expected)
+        for name, shape in (("decode_path", (2, 8, 4, 4)), ("decode_path_non_square", (2, 8, 4, 6))):
+            f_hat_BCHW = torch.randn(shape, generator=generator)
+            with torch.no_grad():
+                expected = vqvae.decoder(vqvae.post_quant_conv(f_hat_BCHW))
+                errors[name] = rel(_fused_path(vqvae, fold=True)(f_hat_BCHW), expected)
     finally:
         torch.empty, torch.empty_like = torch_empty, torch_empty_like
     return errors
@@ -307,6 +309,6 @@ def run_interpreted(module: str, function: str) -> Any:
 @pytest.mark.skipif(not fd.triton_available(), reason="Triton is not installed (CI installs it with the test extra)")
 def test_triton_kernels_compute_their_references_in_the_interpreter():
     errors = run_interpreted("tests.models.test_fused_decode", "interpreted_errors")
-    assert len(errors) == 3 * 9 + 2 * 6 + 1
+    assert len(errors) == 3 * 9 + 3 * 6 + 2
     bad = {name: error for name, error in errors.items() if not error < 1e-5}  # NaN (unwritten) fails too
     assert not bad, bad

@@ -99,7 +99,7 @@ def _compile_cases() -> list[tuple[str, object, dict[str, str], dict[str, object
             "rows": "i32", "length": "i32", "cache_row_stride": "i64"},
            {"HEADS": 16, "DIM": 64, "BLOCK_M": fs.QKV_ROWS})
     common = {"pixels": "i32", "channels": "i32", "split_pixels": "i32", "splits": "i32", "channel_blocks": "i32",
-              "width": "i32", "grid_side": "i32"}
+              "width": "i32", "grid_h": "i32", "grid_w": "i32"}
     cases = [qkv]
     for phase in (False, True):  # the phase form's address arithmetic is only traced when PHASE is set
         cases.append((f"moments_phase{int(phase)}", fd._moments_kernel,
