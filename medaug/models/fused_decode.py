@@ -447,13 +447,13 @@ class _Activation:
         return self.stored
 
 
-def _reads_in_place(decoder: nn.Sequential, i: int) -> bool:
-    """Whether layer ``i`` of ``decoder`` reads its input only through the fused kernels (a residual block
-    whose skip is the identity: its norm, and its residual add), so an upsample before it can leave its
-    map in phase form; a 1×1 skip conv or any other layer needs the map interleaved in memory."""
+def _reads_in_place(layer: nn.Module) -> bool:
+    """Whether ``layer`` reads its input only through the fused kernels (a residual block whose skip is the
+    identity: its norm, and its residual add), so the map before it can stay in phase form; a 1×1 skip conv
+    or any other layer needs the map interleaved in memory."""
     from medaug.models.vqvae import ResnetBlock
 
-    return i < len(decoder) and isinstance(decoder[i], ResnetBlock) and isinstance(decoder[i].skip, nn.Identity)
+    return isinstance(layer, ResnetBlock) and isinstance(layer.skip, nn.Identity)
 
 
 def _split_pixels(shape: tuple[int, ...], mean_BSC: torch.Tensor) -> int:
@@ -510,7 +510,8 @@ class FusedDecodePath(nn.Module):
             str(i): nn.Parameter(phase_weight(layer.weight.detach()).contiguous(memory_format=torch.channels_last),
                                  requires_grad=False)
             for i, layer in enumerate(decoder)
-            if phase_upsample and isinstance(layer, FoldedUpsample) and _reads_in_place(decoder, i + 1)})
+            if phase_upsample and isinstance(layer, FoldedUpsample) and i + 1 < len(decoder)
+            and _reads_in_place(decoder[i + 1])})
         last = decoder[-1] if len(decoder) else None
         self.out_weight = None  # the output conv's weight with zero rows up to a multiple of output channels
         if isinstance(last, nn.Conv2d) and last.groups == 1 and last.out_channels % out_channel_multiple:
@@ -542,6 +543,8 @@ class FusedDecodePath(nn.Module):
     def _layer(self, layer: nn.Module, x: _Activation, fuse_silu: bool) -> _Activation:
         from medaug.models.vqvae import FoldedUpsample, ResnetBlock, SelfAttention, Upsample
 
+        if x.phase and not _reads_in_place(layer):
+            x.materialized()
         if isinstance(layer, ResnetBlock):
             return self._resnet_block(layer, x)
         if isinstance(layer, SelfAttention):
@@ -566,8 +569,6 @@ class FusedDecodePath(nn.Module):
         h1 = _conv(block.conv1, _normalized(block.norm1, x, silu=True))
         h2 = _conv(block.conv2, _normalized(block.norm2, h1, silu=True))
         if isinstance(block.skip, nn.Conv2d):  # 1×1, no padding: skip(stored + b) = skip(stored) + W·b
-            if x.phase:
-                x.materialized()
             skip = _conv(block.skip, x.stored)
             if x.bias is not None:
                 skip.bias = skip.bias + block.skip.weight.detach().float()[:, :, 0, 0] @ x.bias
@@ -580,8 +581,6 @@ class FusedDecodePath(nn.Module):
         """x + proj(softmax(q·kᵀ/√C)·v) over all positions, q·kᵀ and p·v as batched GEMMs (float32 softmax)."""
         from medaug.models.vqvae import gemm_attention
 
-        if x.phase:
-            x.materialized()
         batch, channels, height, width = x.stored.shape
         h_BNC = _normalized(attention.norm, x, silu=False).permute(0, 2, 3, 1).reshape(batch, height * width, channels)
         qkv_weight = attention.qkv.weight.view(3 * channels, channels)

@@ -276,12 +276,8 @@ class SynthGenerator:
 
         if not self.fast_on_cuda:
             return None
-        if self._fast_decoder is not None:
-            decoder = self._fast_decoder
-            return {"compiled": decoder.compiled, "channel_stats_norm": decoder.channel_stats_norm,
-                    "gemm_attention": decoder.gemm_attention, "fused_norm": decoder.fused_norm,
-                    "padded_output": decoder.padded_output, "phase_upsample": decoder.phase_upsample,
-                    "padded_rows": decoder.padded_rows}
+        if self._fast_decoder is not None:  # every recorded key is one of the decoder's attributes
+            return {key: getattr(self._fast_decoder, key) for key in LEGACY_DECODER}
         if self._adopted_decoder is not None:
             return dict(self._adopted_decoder)
         fused = fused_default(self.device)
